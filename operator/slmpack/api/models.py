@@ -1,0 +1,407 @@
+"""The slmpack API: `SLMDeployment` and `SLMProfile`, group `slmpack.dev`, version `v1alpha1`.
+
+These pydantic models are the single source of the API: the CRDs in `crds/` are
+generated from them (`slmpack crds`), the operator parses specs with them, and the
+profiler writes its report in the `SLMProfileStatus` shape.
+
+Conventions (Kubernetes API conventions): camelCase field names, a description on
+every field, integers with units in the name in spec (no floats in spec), enums as
+strings, conditions keyed by type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from slmpack import API_GROUP, API_VERSION
+
+API = f"{API_GROUP}/{API_VERSION}"
+DEFAULT_ENGINE_IMAGE = "slmpack/engine:0.1.0"
+DEFAULT_CPU_ENGINE_IMAGE = "slmpack/engine-cpu:0.1.0"
+REPORT_SCHEMA_VERSION = 1
+
+
+class Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict:
+        """The object as the Kubernetes API stores it: camelCase, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Device(str, Enum):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
+class Sharing(str, Enum):
+    mps = "mps"
+    time_slicing = "time-slicing"
+
+
+class Placement(str, Enum):
+    device_plugin = "device-plugin"
+    dra = "dra"
+
+
+class KneeRule(str, Enum):
+    bca = "bca"
+    kneedle = "kneedle"
+
+
+class ModelVolume(Model):
+    """Where a model given as a path lives: exactly one source, mounted read-only at `mountPath`."""
+
+    host_path: str | None = Field(None, description="A directory on the node that holds the model.")
+    persistent_volume_claim: str | None = Field(
+        None, description="The name of a PersistentVolumeClaim in the same namespace that holds the model."
+    )
+    mount_path: str = Field("/models", description="Where the volume is mounted in the engine container.")
+
+
+class ModelSpec(Model):
+    """The model to serve."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        description="A Hugging Face model id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or an absolute path "
+        "inside the engine container (e.g. /models/SmolLM2-135M-Instruct).",
+    )
+    revision: str | None = Field(None, description="The Hugging Face revision (branch, tag or commit) to load.")
+    dtype: Dtype = Field(Dtype.auto, description="The weight and activation dtype passed to the engine.")
+    max_model_len: int = Field(
+        2048, ge=64, le=1_048_576, description="The longest sequence (prompt plus output) in tokens the engine admits."
+    )
+    volume: ModelVolume | None = Field(None, description="A volume that holds the model, for a model given as a path.")
+
+
+class EnvVar(Model):
+    """An environment variable for the engine container."""
+
+    name: str = Field(..., min_length=1, description="The variable's name.")
+    value: str = Field("", description="The variable's value.")
+
+
+class EngineSpec(Model):
+    """The inference engine that serves the model."""
+
+    kind: Literal["vllm"] = Field("vllm", description="The engine. Only vLLM is supported for deployments.")
+    device: Device = Field(
+        Device.gpu,
+        description="gpu runs the CUDA engine on shared GPUs; cpu runs vLLM's CPU build (development clusters).",
+    )
+    image: str | None = Field(
+        None, description="The engine+profiler image. Defaults to slmpack's engine image for the chosen device."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments appended to `vllm serve`."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the engine.")
+    cpu_kv_cache_space_gib: int = Field(
+        1, ge=1, le=1024, description="With device cpu: the KV-cache space per replica in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+
+    def resolved_image(self) -> str:
+        return self.image or (DEFAULT_CPU_ENGINE_IMAGE if self.device == Device.cpu else DEFAULT_ENGINE_IMAGE)
+
+
+class GPUSpec(Model):
+    """Which GPUs may run the model."""
+
+    product: str | None = Field(
+        None,
+        description="The GPU product as NVIDIA GPU feature discovery labels it (nvidia.com/gpu.product), "
+        "e.g. NVIDIA-H100-80GB-HBM3. Empty means any.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels that the node must carry."
+    )
+    resource_name: str = Field(
+        "nvidia.com/gpu",
+        description="The extended resource that the device plugin advertises for a share of a GPU "
+        "(nvidia.com/gpu, or nvidia.com/gpu.shared when the plugin renames shared GPUs).",
+    )
+
+
+class Workload(Model):
+    """The request shape that profiling measures and the plan is sized for."""
+
+    input_tokens: int = Field(128, ge=1, le=1_000_000, description="Prompt length in tokens.")
+    output_tokens: int = Field(128, ge=1, le=1_000_000, description="Generated tokens per request.")
+
+
+class LatencySLO(Model):
+    """A latency objective that caps the knee and the replica count. Unset means none."""
+
+    p99_itl_ms: int | None = Field(None, ge=1, description="The 99th percentile inter-token latency, in ms.")
+    p99_ttft_ms: int | None = Field(None, ge=1, description="The 99th percentile time to first token, in ms.")
+
+
+class ProfilingSpec(Model):
+    """How the model is profiled when no matching SLMProfile exists."""
+
+    profile_ref: str | None = Field(
+        None, description="The name of an existing SLMProfile in this namespace to use instead of profiling."
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=list,
+        description="Batch sizes to probe, all of them. Empty means an adaptive sweep over "
+        "minBatchSize..maxBatchSize.",
+    )
+    min_batch_size: int = Field(1, ge=1, le=4096, description="The smallest batch of the adaptive sweep.")
+    max_batch_size: int = Field(256, ge=1, le=4096, description="The largest batch of the adaptive sweep.")
+    rule: KneeRule = Field(KneeRule.bca, description="The knee rule: bca (efficiency and latency) or kneedle.")
+    efficiency_threshold_percent: int = Field(
+        20, ge=1, le=100, description="BCA's ε: keep B while T(B)/(B·T(1)) exceeds this share, in percent."
+    )
+    latency_factor: int = Field(
+        5, ge=1, le=100, description="BCA's L: keep B while its mean ITL is at most L times the ITL at batch 32."
+    )
+    slo: LatencySLO = Field(default_factory=LatencySLO, description="A latency objective that caps the knee.")
+    workload: Workload = Field(default_factory=Workload, description="The request shape to measure.")
+    requests_per_point: int = Field(
+        0, ge=0, le=100_000, description="Requests measured per batch size; 0 means 4 × the batch size (at least 8)."
+    )
+    max_replicas: int = Field(4, ge=1, le=48, description="The most co-located replicas to measure per GPU.")
+
+
+class ResourceSpec(Model):
+    """CPU and memory for each engine container, as Kubernetes quantities. The GPU share is added by slmpack."""
+
+    requests: dict[str, str] = Field(default_factory=dict, description="Resource requests, e.g. {cpu: '2'}.")
+    limits: dict[str, str] = Field(default_factory=dict, description="Resource limits, e.g. {memory: 16Gi}.")
+
+
+# ---------------------------------------------------------------- conditions
+
+
+class Condition(Model):
+    """A condition in the Kubernetes API conventions' shape."""
+
+    type: str = Field(..., description="The condition's type, e.g. ProfileReady.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="A CamelCase word for the last transition's cause.")
+    message: str = Field("", description="A human-readable explanation.")
+    last_transition_time: datetime = Field(..., description="When the status last changed.")
+    observed_generation: int | None = Field(None, description="The spec generation this condition was computed from.")
+
+
+# ---------------------------------------------------------------- SLMDeployment
+
+
+class SLMDeploymentSpec(Model):
+    """The desired state: which model, on which GPUs, shared how, with how many replicas."""
+
+    model: ModelSpec = Field(..., description="The model to serve.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="The inference engine.")
+    gpu: GPUSpec = Field(default_factory=GPUSpec, description="Which GPUs may run the model.")
+    sharing: Sharing = Field(
+        Sharing.mps, description="How co-located replicas share one GPU: mps (NVIDIA MPS) or time-slicing."
+    )
+    placement: Placement = Field(
+        Placement.device_plugin,
+        description="How the GPU is claimed: device-plugin (shared nvidia.com/gpu resource) or dra "
+        "(one ResourceClaim per pack, Kubernetes ≥ 1.32 with the NVIDIA DRA driver).",
+    )
+    replicas: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = Field(
+        "auto", description="auto sizes the replicas per GPU from the profile; a number fixes it and skips profiling."
+    )
+    profiling: ProfilingSpec = Field(default_factory=ProfilingSpec, description="The profiling policy.")
+    port: int = Field(8000, ge=1024, le=65535, description="The port the engine serves its OpenAI API on.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="CPU and memory per replica.")
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    profiling = "Profiling"
+    deploying = "Deploying"
+    ready = "Ready"
+    degraded = "Degraded"
+    failed = "Failed"
+
+
+class ProfilingPhase(str, Enum):
+    waiting = "Waiting"
+    starting_engine = "StartingEngine"
+    sweeping = "Sweeping"
+    replicating = "Replicating"
+    writing = "Writing"
+    done = "Done"
+    failed = "Failed"
+
+
+class Plan(Model):
+    """What the planner decided, and why."""
+
+    knee_batch_size: int | None = Field(None, description="The knee batch size from the profile.")
+    replicas: int = Field(..., description="Replicas per GPU.")
+    max_num_seqs: int = Field(..., description="vLLM --max-num-seqs per replica.")
+    gpu_memory_utilization: float | None = Field(None, description="vLLM --gpu-memory-utilization per replica.")
+    memory_per_replica_mib: int | None = Field(None, description="The per-replica GPU (or CPU KV) memory budget.")
+    mps_active_thread_percentage: int | None = Field(None, description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE.")
+    mps_pinned_memory_limit_mib: int | None = Field(None, description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica.")
+    predicted_throughput_tokens_per_s: float | None = Field(None, description="Predicted aggregate output tokens/s.")
+    predicted_p99_itl_ms: float | None = Field(None, description="Predicted p99 inter-token latency.")
+    energy_per_token_joules: float | None = Field(None, description="Measured J per output token, when measured.")
+    explanation: str = Field("", description="Why this plan, in a sentence or two.")
+
+
+class SLMDeploymentStatus(Model):
+    """What the operator observed and decided."""
+
+    phase: Phase = Field(Phase.pending, description="A one-word summary derived from the conditions.")
+    profiling_phase: ProfilingPhase | None = Field(None, description="Where profiling stands, while it runs.")
+    conditions: list[Condition] = Field(default_factory=list, description="ProfileReady, Placed, Available, InvalidSpec.")
+    observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
+    profile: str | None = Field(None, description="The name of the SLMProfile in use.")
+    plan: Plan | None = Field(None, description="The chosen plan.")
+    replicas: int | None = Field(None, description="Planned replicas.")
+    ready_replicas: int | None = Field(None, description="Replicas that pass their readiness probe.")
+    endpoint: str | None = Field(None, description="The in-cluster URL of the OpenAI-compatible Service.")
+
+
+# ---------------------------------------------------------------- SLMProfile
+
+
+class ProfileConditions(Model):
+    """What a profile was measured under; deployments whose conditions match reuse it."""
+
+    model: str = Field(..., description="The model id or path.")
+    dtype: Dtype = Field(Dtype.auto, description="The dtype.")
+    max_model_len: int = Field(2048, description="The engine's max model length.")
+    device: Device = Field(Device.gpu, description="gpu or cpu.")
+    gpu_product: str | None = Field(None, description="The GPU product (nvidia.com/gpu.product), or none on cpu.")
+    gpu_memory_mib: int | None = Field(None, description="The GPU's memory in MiB.")
+    engine_image: str = Field("", description="The engine image.")
+    engine_version: str | None = Field(None, description="The engine's version, when known.")
+    workload: Workload = Field(default_factory=Workload, description="The request shape.")
+
+    def key(self) -> str:
+        """A short stable hash of what makes two profiles interchangeable."""
+        identity = self.model_dump(mode="json", include={"model", "dtype", "max_model_len", "device",
+                                                         "gpu_product", "engine_image", "workload"})
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Percentiles(Model):
+    """A latency distribution in milliseconds."""
+
+    mean: float | None = Field(None, description="Mean.")
+    p50: float | None = Field(None, description="Median.")
+    p90: float | None = Field(None, description="90th percentile.")
+    p99: float | None = Field(None, description="99th percentile.")
+
+
+class ProfilePoint(Model):
+    """One measured batch size."""
+
+    batch_size: int = Field(..., description="Concurrent requests (and the engine's running batch).")
+    completed: int = Field(0, description="Requests that completed.")
+    failed: int = Field(0, description="Requests that failed.")
+    error: str | None = Field(None, description="Why the point failed, when it did.")
+    duration_s: float | None = Field(None, description="Measured wall time.")
+    request_throughput_per_s: float | None = Field(None, description="Completed requests per second.")
+    output_throughput_tokens_per_s: float | None = Field(None, description="Generated tokens per second.")
+    total_throughput_tokens_per_s: float | None = Field(None, description="Prompt plus generated tokens per second.")
+    ttft_ms: Percentiles | None = Field(None, description="Time to first token.")
+    itl_ms: Percentiles | None = Field(None, description="Inter-token latency.")
+    tpot_ms: Percentiles | None = Field(None, description="Time per output token after the first.")
+    e2e_latency_ms: Percentiles | None = Field(None, description="Request latency end to end.")
+    kv_cache_usage_percent: float | None = Field(None, description="Peak KV-cache use during the point.")
+    preemptions: int | None = Field(None, description="Engine preemptions during the point.")
+    power_watts: float | None = Field(None, description="Mean GPU power; null when not measured.")
+    energy_joules: float | None = Field(None, description="GPU energy over the point; null when not measured.")
+    energy_per_token_joules: float | None = Field(None, description="J per output token; null when not measured.")
+    energy_note: str | None = Field(None, description="Why energy is null, e.g. 'not measured: no GPU'.")
+
+
+class Knee(Model):
+    """The chosen knee."""
+
+    batch_size: int = Field(..., description="The knee batch size.")
+    rule: str = Field(..., description="The rule that chose it, with its parameters.")
+    reason: str = Field("", description="Why the next larger batch was not taken.")
+    throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s at the knee.")
+    request_throughput_per_s: float | None = Field(None, description="Requests/s at the knee.")
+    mean_itl_ms: float | None = Field(None, description="Mean ITL at the knee.")
+    p99_itl_ms: float | None = Field(None, description="p99 ITL at the knee.")
+    kv_cache_usage_percent: float | None = Field(None, description="KV-cache share used at the knee.")
+    memory_free_mib: int | None = Field(None, description="Engine memory left unused at the knee.")
+
+
+class ReplicationPoint(Model):
+    """k co-located replicas, each at the knee batch, under the same total load."""
+
+    replicas: int = Field(..., description="Co-located replicas.")
+    batch_size_per_replica: int = Field(..., description="Concurrency sent to each replica.")
+    aggregate_throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s, all replicas.")
+    aggregate_request_throughput_per_s: float | None = Field(None, description="Requests/s, all replicas.")
+    p99_itl_ms: float | None = Field(None, description="p99 ITL across replicas.")
+    p99_ttft_ms: float | None = Field(None, description="p99 TTFT across replicas.")
+    energy_per_token_joules: float | None = Field(None, description="J per output token; null when not measured.")
+    error: str | None = Field(None, description="Why the point failed, when it did.")
+
+
+class MemoryFootprint(Model):
+    """What one replica needs: weights, KV cache per token, and a fixed overhead (activations, CUDA context)."""
+
+    weights_mib: int = Field(..., ge=0, description="Model weights in MiB.")
+    kv_bytes_per_token: int = Field(..., ge=0, description="KV-cache bytes per token (all layers, K and V).")
+    overhead_mib: int = Field(1024, ge=0, description="Activations, CUDA graphs and context per replica, in MiB.")
+
+
+class SweepInfo(Model):
+    """How the sweep ran."""
+
+    mode: Literal["adaptive", "full"] = Field("adaptive", description="adaptive (grow then bisect) or full.")
+    probes: int = Field(0, description="Batch sizes measured.")
+    duration_s: float | None = Field(None, description="Wall time of the whole profile.")
+
+
+class SLMProfileSpec(Model):
+    """The conditions a profile is (or was) measured under."""
+
+    conditions: ProfileConditions = Field(..., description="Model, GPU, engine and workload.")
+    profiling: ProfilingSpec = Field(default_factory=ProfilingSpec, description="The profiling policy used.")
+
+
+class SLMProfileStatus(Model):
+    """The measurements: the curve, the knee, the replication run and the recommendation."""
+
+    schema_version: int = Field(REPORT_SCHEMA_VERSION, description="The report format's version.")
+    phase: Literal["Pending", "Profiling", "Ready", "Failed"] = Field("Pending", description="Where the profile stands.")
+    profiling_phase: ProfilingPhase | None = Field(None, description="The profiler's current step.")
+    message: str | None = Field(None, description="Progress or failure, in words.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready.")
+    observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
+    measured_at: datetime | None = Field(None, description="When the measurement finished.")
+    environment: dict[str, str] = Field(default_factory=dict, description="Engine version, host, driver, etc.")
+    sweep: SweepInfo | None = Field(None, description="How the sweep ran.")
+    points: list[ProfilePoint] = Field(default_factory=list, description="The measured curve.")
+    knee: Knee | None = Field(None, description="The knee.")
+    replication: list[ReplicationPoint] = Field(default_factory=list, description="k = 1..kmax measured.")
+    memory: MemoryFootprint | None = Field(None, description="The per-replica memory model.")
+    recommended_replicas: int | None = Field(None, description="The k with the highest throughput within the SLO.")
+    replication_gain_percent: float | None = Field(
+        None, description="Aggregate throughput of the recommended k over one replica at its best batch, in percent."
+    )
