@@ -1,14 +1,16 @@
 """`slmpack operator | profile | analyze | exporter | crds`.
 
 Each subcommand lives in its own wing module, which exposes `configure(parser)`
-and `run(args) -> int`. Wing modules import their heavy dependencies inside
-`run`, so that `slmpack crds` never pays for vLLM and `slmpack exporter` never for kopf.
+and `run(args) -> int`. Only the chosen wing is imported, so that `slmpack crds`
+never pays for vLLM and `slmpack exporter` never for kopf.
 """
 
 import argparse
 import importlib
 import logging
 import sys
+
+import slmpack
 
 SUBCOMMANDS = {
     "operator": ("slmpack.controller.cli", "run the operator (kopf) that reconciles SLMDeployments"),
@@ -20,13 +22,16 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slmpack", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((word for word in argv if word in SUBCOMMANDS), None)
+    parser = argparse.ArgumentParser(prog="slmpack", description=slmpack.__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(module_name=module_name)
-        importlib.import_module(module_name).configure(sub)
+        if name == chosen:
+            importlib.import_module(module_name).configure(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return importlib.import_module(args.module_name).run(args)

@@ -326,7 +326,7 @@ class ProfilePoint(Model):
     ttft_ms: Percentiles | None = Field(None, description="Time to first token.")
     itl_ms: Percentiles | None = Field(None, description="Inter-token latency.")
     tpot_ms: Percentiles | None = Field(None, description="Time per output token after the first.")
-    e2e_latency_ms: Percentiles | None = Field(None, description="Request latency end to end.")
+    e2e_latency_ms: Percentiles | None = Field(None, alias="e2eLatencyMs", description="Request latency end to end.")
     kv_cache_usage_percent: float | None = Field(None, description="Peak KV-cache use during the point.")
     preemptions: int | None = Field(None, description="Engine preemptions during the point.")
     power_watts: float | None = Field(None, description="Mean GPU power; null when not measured.")
