@@ -1,0 +1,52 @@
+"""Status conditions in the Kubernetes API conventions' shape, and the phase derived from them (pure).
+
+Conditions are the truth; `phase` is only a one-word summary for printer columns.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from slmpack.api.models import Condition, Phase
+
+PROFILE_READY = "ProfileReady"
+PLACED = "Placed"
+AVAILABLE = "Available"
+INVALID_SPEC = "InvalidSpec"
+
+
+def set_condition(conditions: list[Condition], type_: str, status: bool | str, reason: str, message: str,
+                  now: datetime, generation: int | None = None) -> list[Condition]:
+    """Return the conditions with `type_` set; the transition time moves only when the status changes."""
+    status = status if isinstance(status, str) else ("True" if status else "False")
+    previous = next((c for c in conditions if c.type == type_), None)
+    changed_at = previous.last_transition_time if previous and previous.status == status else now
+    updated = Condition(type=type_, status=status, reason=reason, message=message,
+                        last_transition_time=changed_at, observed_generation=generation)
+    return [c for c in conditions if c.type != type_] + [updated]
+
+
+def get_condition(conditions: list[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: list[Condition], type_: str) -> bool:
+    condition = get_condition(conditions, type_)
+    return condition is not None and condition.status == "True"
+
+
+def derive_phase(conditions: list[Condition]) -> Phase:
+    """The one-word summary of the conditions."""
+    if is_true(conditions, INVALID_SPEC):
+        return Phase.failed
+    profile = get_condition(conditions, PROFILE_READY)
+    if profile is not None and profile.status == "False":
+        return Phase.failed if profile.reason == "ProfilingFailed" else Phase.profiling
+    available = get_condition(conditions, AVAILABLE)
+    if available is not None and available.status == "True":
+        return Phase.ready
+    if available is not None and available.reason in {"ReplicaFailing", "Degraded"}:
+        return Phase.degraded
+    if is_true(conditions, PLACED):
+        return Phase.deploying
+    return Phase.pending

@@ -1,0 +1,115 @@
+"""Checks the CRD schema cannot express, and the choice of a GPU node (pure).
+
+Each problem names the field and the fix, so the InvalidSpec condition and its Event
+tell the user what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from slmpack.api.models import Placement, SLMDeploymentSpec
+
+PRODUCT = "nvidia.com/gpu.product"
+MEMORY = "nvidia.com/gpu.memory"
+REPLICAS = "nvidia.com/gpu.replicas"
+SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
+
+
+@dataclass(frozen=True)
+class GPUNode:
+    """What the operator needs to know of a node: its labels and the GPU resources it can allocate."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    allocatable: dict[str, str] = field(default_factory=dict)
+
+    def label_int(self, key: str) -> int | None:
+        value = self.labels.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    @property
+    def gpu_memory_mib(self) -> int | None:
+        return self.label_int(MEMORY)
+
+    @property
+    def sharing_slots(self) -> int:
+        return self.label_int(REPLICAS) or 1
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot be served as written; the message names the field and the fix."""
+
+
+def parse_spec(raw: dict) -> SLMDeploymentSpec:
+    """Parse a spec from the API, turning pydantic's errors into one message per field."""
+    try:
+        return SLMDeploymentSpec.model_validate(raw)
+    except ValidationError as error:
+        problems = ["spec." + ".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in error.errors()]
+        raise InvalidSpec("; ".join(problems)) from None
+
+
+def spec_problems(spec: SLMDeploymentSpec) -> list[str]:
+    """Cross-field rules."""
+    problems = []
+    policy = spec.profiling
+    if policy.min_batch_size > policy.max_batch_size:
+        problems.append(f"spec.profiling.minBatchSize ({policy.min_batch_size}) is larger than maxBatchSize "
+                        f"({policy.max_batch_size}): lower minBatchSize or raise maxBatchSize")
+    repeated = sorted({b for b in policy.batch_sizes if policy.batch_sizes.count(b) > 1})
+    if repeated:
+        problems.append(f"spec.profiling.batchSizes lists {repeated} more than once: list each batch size once")
+    volume = spec.model.volume
+    if volume is not None and bool(volume.host_path) == bool(volume.persistent_volume_claim):
+        problems.append("spec.model.volume needs exactly one of hostPath or persistentVolumeClaim")
+    if volume is not None and not spec.model.name.startswith(volume.mount_path.rstrip("/") + "/"):
+        problems.append(f"spec.model.name must be a path under spec.model.volume.mountPath ({volume.mount_path}) "
+                        "when a volume holds the model")
+    needed = spec.model.max_model_len
+    shape = policy.workload.input_tokens + policy.workload.output_tokens
+    if shape > needed:
+        problems.append(f"spec.profiling.workload needs {shape} tokens per request, more than "
+                        f"spec.model.maxModelLen ({needed}): raise maxModelLen or shorten the workload")
+    if spec.placement == Placement.dra and spec.gpu.resource_name != "nvidia.com/gpu":
+        problems.append("spec.gpu.resourceName applies to device-plugin placement only: remove it with placement dra")
+    return problems
+
+
+def node_matches(spec: SLMDeploymentSpec, node: GPUNode) -> bool:
+    if spec.gpu.product and node.labels.get(PRODUCT) != spec.gpu.product:
+        return False
+    if any(node.labels.get(k) != v for k, v in spec.gpu.node_selector.items()):
+        return False
+    if spec.placement == Placement.device_plugin:
+        if int(node.allocatable.get(spec.gpu.resource_name, "0") or 0) < 1:
+            return False
+        strategy = node.labels.get(SHARING_STRATEGY)
+        if strategy is not None and strategy not in (spec.sharing.value, "none"):
+            return False
+    return True
+
+
+def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
+    """The node to pack on: it matches the GPU selector and has the most sharing slots.
+
+    Raises InvalidSpec naming what no node offers.
+    """
+    matching = [n for n in nodes if node_matches(spec, n)]
+    if not matching:
+        wanted = [f"{spec.gpu.resource_name} allocatable" if spec.placement == Placement.device_plugin else "a GPU"]
+        if spec.gpu.product:
+            wanted.append(f"{PRODUCT}={spec.gpu.product}")
+        wanted += [f"{k}={v}" for k, v in spec.gpu.node_selector.items()]
+        if spec.placement == Placement.device_plugin:
+            wanted.append(f"{SHARING_STRATEGY}={spec.sharing.value}")
+        raise InvalidSpec("spec.gpu: no node offers " + ", ".join(wanted) +
+                          ": fix spec.gpu.product / spec.gpu.nodeSelector / spec.sharing, or add such a node")
+    node = max(matching, key=lambda n: (n.sharing_slots, n.name))
+    if spec.replicas != "auto" and spec.placement == Placement.device_plugin and spec.replicas > node.sharing_slots:
+        raise InvalidSpec(f"spec.replicas ({spec.replicas}) exceeds the {node.sharing_slots} sharing slots "
+                          f"({REPLICAS}) of node {node.name}: lower spec.replicas or raise the device plugin's "
+                          "replicas")
+    return node

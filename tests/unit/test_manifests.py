@@ -1,0 +1,124 @@
+"""Manifest builders: what the cluster is asked to run."""
+
+from datetime import datetime, timedelta, timezone
+
+from slmpack.api.models import Plan, SLMDeploymentSpec
+from slmpack.core.conditions import AVAILABLE, INVALID_SPEC, PLACED, PROFILE_READY, derive_phase, set_condition
+from slmpack.core.manifests import (
+    Owner,
+    build_profiling_job,
+    build_resource_claim,
+    build_service,
+    build_statefulset,
+    profile_conditions,
+    profile_name,
+)
+
+OWNER = Owner(kind="SLMDeployment", name="chat", uid="u-1", namespace="team")
+PLAN = Plan(knee_batch_size=64, replicas=3, max_num_seqs=64, gpu_memory_utilization=0.3,
+            memory_per_replica_mib=24467, mps_active_thread_percentage=34, mps_pinned_memory_limit_mib=24467)
+
+
+def spec(**overrides) -> SLMDeploymentSpec:
+    return SLMDeploymentSpec.model_validate({"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                                             "gpu": {"product": "NVIDIA-H100-80GB-HBM3"}, **overrides})
+
+
+def engine(statefulset):
+    return statefulset["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_statefulset_packs_replicas_on_one_node_and_starts_them_in_order():
+    sts = build_statefulset(OWNER, spec(), PLAN, node="gpu-node-1")
+    pod = sts["spec"]["template"]["spec"]
+    assert sts["spec"]["replicas"] == 3
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                   "kubernetes.io/hostname": "gpu-node-1"}
+    args = engine(sts)["args"]
+    assert args[args.index("--max-num-seqs") + 1] == "64"
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.3"
+    assert engine(sts)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": "34"} in engine(sts)["env"]
+    assert {"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=24467M"} in engine(sts)["env"]
+    assert engine(sts)["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert sts["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_pods_run_non_root_under_seccomp_with_no_capabilities():
+    sts = build_statefulset(OWNER, spec(), PLAN, node=None)
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert engine(sts)["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                              "capabilities": {"drop": ["ALL"]}}
+
+
+def test_cpu_mode_sets_the_kv_cache_space_and_no_gpu_flags():
+    cpu_plan = PLAN.model_copy(update={"gpu_memory_utilization": None, "mps_active_thread_percentage": None,
+                                       "mps_pinned_memory_limit_mib": None})
+    sts = build_statefulset(OWNER, spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 2}), cpu_plan, None)
+    assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in engine(sts)["env"]
+    assert "--gpu-memory-utilization" not in engine(sts)["args"]
+    assert engine(sts)["image"] == "slmpack/engine-cpu:0.1.0"
+
+
+def test_dra_placement_shares_one_resource_claim_with_mps_settings():
+    dra = spec(placement="dra")
+    sts = build_statefulset(OWNER, dra, PLAN, None)
+    claim = build_resource_claim(OWNER, dra, PLAN)
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": "gpu", "resourceClaimName": "chat-gpu"}]
+    assert engine(sts)["resources"]["claims"] == [{"name": "gpu"}]
+    assert "nvidia.com/gpu" not in engine(sts)["resources"]["limits"]
+    config = claim["spec"]["devices"]["config"][0]["opaque"]
+    assert config["driver"] == "gpu.nvidia.com"
+    assert config["parameters"]["kind"] == "GpuConfig"
+    assert config["parameters"]["sharing"] == {"strategy": "MPS", "mpsConfig": {
+        "defaultActiveThreadPercentage": 34, "defaultPinnedDeviceMemoryLimit": "24467Mi"}}
+    sliced = build_resource_claim(OWNER, spec(placement="dra", sharing="time-slicing"), PLAN)
+    assert sliced["spec"]["devices"]["config"][0]["opaque"]["parameters"]["sharing"]["strategy"] == "TimeSlicing"
+
+
+def test_service_selects_the_engine_pods():
+    service = build_service(OWNER, spec())
+    sts = build_statefulset(OWNER, spec(), PLAN, None)
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["port"] == 8000
+
+
+def test_profile_key_ignores_the_deployment_but_not_the_workload():
+    a = profile_conditions(spec(), 81559)
+    b = profile_conditions(spec(port=9000, replicas="auto"), 81559)
+    c = profile_conditions(spec(profiling={"workload": {"inputTokens": 1024}}), 81559)
+    assert a.key() == b.key() != c.key()
+    assert profile_name(a).startswith("smollm2-135m-instruct-")
+
+
+def test_profiling_job_holds_every_slot_of_the_gpu_and_writes_the_profile():
+    conditions = profile_conditions(spec(profiling={"maxBatchSize": 64}), 81559)
+    owner = Owner(kind="SLMProfile", name=profile_name(conditions), uid="p-1", namespace="team")
+    job = build_profiling_job(owner, conditions, spec(profiling={"maxBatchSize": 64}), "gpu-node-1", gpu_slots=4)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["args"][container["args"].index("--write-profile") + 1] == f"team/{owner.name}"
+    assert container["args"][container["args"].index("--max-batch") + 1] == "64"
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "slmpack-profiler"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "SLMProfile"
+
+
+def test_phase_is_derived_from_conditions_and_transition_times_hold():
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    conditions = set_condition([], PROFILE_READY, False, "Profiling", "sweeping", t0)
+    assert derive_phase(conditions).value == "Profiling"
+    conditions = set_condition(conditions, PROFILE_READY, True, "ProfileMeasured", "", t0 + timedelta(1))
+    conditions = set_condition(conditions, PLACED, True, "StatefulSetApplied", "", t0 + timedelta(1))
+    assert derive_phase(conditions).value == "Deploying"
+    again = set_condition(conditions, PLACED, True, "StatefulSetApplied", "", t0 + timedelta(2))
+    assert [c.last_transition_time for c in again if c.type == PLACED] == [t0 + timedelta(1)]
+    ready = set_condition(conditions, AVAILABLE, True, "ReplicasReady", "", t0)
+    assert derive_phase(ready).value == "Ready"
+    degraded = set_condition(conditions, AVAILABLE, False, "ReplicaFailing", "OOMKilled", t0)
+    assert derive_phase(degraded).value == "Degraded"
+    assert derive_phase(set_condition(ready, INVALID_SPEC, True, "X", "", t0)).value == "Failed"
