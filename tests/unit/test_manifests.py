@@ -1,9 +1,16 @@
 """Manifest builders: what the cluster is asked to run."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from slmpack.api.models import Plan, SLMDeploymentSpec
-from slmpack.core.conditions import AVAILABLE, INVALID_SPEC, PLACED, PROFILE_READY, derive_phase, set_condition
+from slmpack.core.conditions import (
+    AVAILABLE,
+    INVALID_SPEC,
+    PLACED,
+    PROFILE_READY,
+    derive_phase,
+    set_condition,
+)
 from slmpack.core.manifests import (
     Owner,
     build_profiling_job,
@@ -109,7 +116,7 @@ def test_profiling_job_holds_every_slot_of_the_gpu_and_writes_the_profile():
 
 
 def test_phase_is_derived_from_conditions_and_transition_times_hold():
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     conditions = set_condition([], PROFILE_READY, False, "Profiling", "sweeping", t0)
     assert derive_phase(conditions).value == "Profiling"
     conditions = set_condition(conditions, PROFILE_READY, True, "ProfileMeasured", "", t0 + timedelta(1))

@@ -39,6 +39,9 @@ class KneeParams:
         return text + (f" capped by SLO {', '.join(caps)}" if caps else "")
 
 
+BCA_DEFAULTS = KneeParams()
+
+
 def usable(points: Iterable[ProfilePoint]) -> list[ProfilePoint]:
     """Points that measured something, sorted by batch size."""
     return sorted((p for p in points if p.error is None and throughput(p)), key=lambda p: p.batch_size)
@@ -103,7 +106,7 @@ class NoKneeError(ValueError):
     """The curve has no usable point to choose a knee from."""
 
 
-def find_knee(points: Iterable[ProfilePoint], params: KneeParams = KneeParams()) -> Knee:
+def find_knee(points: Iterable[ProfilePoint], params: KneeParams = BCA_DEFAULTS) -> Knee:
     curve = usable(points)
     if not curve:
         raise NoKneeError("no batch size was measured successfully, so there is no knee")

@@ -18,9 +18,9 @@ from slmpack.api.models import (
     Placement,
     Plan,
     ProfileConditions,
+    Sharing,
     SLMDeploymentSpec,
     SLMProfileSpec,
-    Sharing,
 )
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}

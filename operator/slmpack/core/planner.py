@@ -20,9 +20,9 @@ from slmpack.api.models import (
     LatencySLO,
     Plan,
     ReplicationPoint,
+    Sharing,
     SLMDeploymentSpec,
     SLMProfileStatus,
-    Sharing,
 )
 from slmpack.core.memory import GPU_BUDGET_FRACTION, feasible_replicas
 

@@ -15,7 +15,7 @@ import bisect
 from collections.abc import Mapping, Sequence
 
 from slmpack.api.models import ProfilePoint
-from slmpack.core.knee import KneeParams, bca_failure, latency_reference, usable
+from slmpack.core.knee import BCA_DEFAULTS, KneeParams, bca_failure, latency_reference, usable
 
 DEFAULT_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -34,7 +34,7 @@ def batch_grid(min_batch: int, max_batch: int, explicit: Sequence[int] = ()) -> 
 
 
 def next_probe(grid: Sequence[int], measured: Mapping[int, ProfilePoint],
-               params: KneeParams = KneeParams()) -> int | None:
+               params: KneeParams = BCA_DEFAULTS) -> int | None:
     """The next batch size to measure, or None when the knee is bracketed to one grid step."""
     first = grid[0]
     if first not in measured:
@@ -62,7 +62,7 @@ def next_probe(grid: Sequence[int], measured: Mapping[int, ProfilePoint],
     return grid[(low + high) // 2]
 
 
-def sweep_order(grid: Sequence[int], measure, params: KneeParams = KneeParams()) -> dict[int, ProfilePoint]:
+def sweep_order(grid: Sequence[int], measure, params: KneeParams = BCA_DEFAULTS) -> dict[int, ProfilePoint]:
     """Run the adaptive sweep with `measure(batch) -> ProfilePoint`; returns every probed point."""
     measured: dict[int, ProfilePoint] = {}
     while (batch := next_probe(grid, measured, params)) is not None:
