@@ -43,10 +43,13 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             return merged
         types = sorted(b.get("type", "string") for b in branches)
         if types == ["integer", "string"]:
-            # int-or-string (replicas: "auto" or a count); the branches keep their value checks.
+            # int-or-string (replicas: "auto" or a count). Kubernetes allows no typed branches
+            # here, so value checks sit at the top: `pattern` binds strings, the bounds integers.
             rest = {k: v for k, v in node.items() if k not in {"anyOf", "title"}}
-            return {"x-kubernetes-int-or-string": True,
-                    "anyOf": [_value_checks(structural(b, defs)) for b in branches], **rest}
+            number, word = (structural(b, defs) for b in sorted(branches, key=lambda b: b["type"]))
+            checks = {k: number[k] for k in ("minimum", "maximum") if k in number}
+            return {"x-kubernetes-int-or-string": True, "pattern": "^(" + "|".join(word["enum"]) + ")$",
+                    **checks, **rest}
         raise ValueError(f"no structural form for anyOf {types}")
     if "const" in node:
         node["enum"] = [node.pop("const")]
@@ -62,14 +65,11 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = structural(value, defs)
         elif key == "additionalProperties":
             continue  # `false` may not sit beside `properties`; the apiserver prunes unknown fields.
+        elif key == "default" and value in ("", None):
+            continue  # the 1.20 apiserver rejects empty-string defaults as null
         else:
             out[key] = value
     return out
-
-
-def _value_checks(branch: dict[str, Any]) -> dict[str, Any]:
-    """Inside anyOf only the type and value validations may appear."""
-    return {k: v for k, v in branch.items() if k in {"type", "enum", "minimum", "maximum"}}
 
 
 def _with_object_default(node: dict[str, Any]) -> dict[str, Any]:

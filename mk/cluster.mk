@@ -1,0 +1,21 @@
+CLUSTER := e2e/cluster/cluster.sh
+KUBECTL := $(HOME)/.cache/slmpack/k8s-1.20.2/bin/kubectl --kubeconfig .cluster/kubeconfig
+
+.PHONY: k8s-binaries cluster-api cluster-up cluster-down cluster-status fake-gpu
+k8s-binaries: system-deps ## build Kubernetes 1.20.2 from Debian's source, once (~9 min cold)
+	e2e/cluster/build-k8s.sh
+
+cluster-api: k8s-binaries ## the control plane alone on loopback (seconds)
+	$(CLUSTER) api
+
+cluster-up: k8s-binaries ## the control plane plus a Ready node; kubeconfig in .cluster/kubeconfig
+	$(CLUSTER) up
+
+cluster-down: ## stop the cluster and undo every host change it made
+	$(CLUSTER) down
+
+cluster-status:
+	$(CLUSTER) status
+
+fake-gpu: ## give the node a fake nvidia.com/gpu inventory and NVIDIA's GPU labels
+	PYTHONPATH=operator $(PYTHON) -m tests.fixtures.fake_gpu --kubeconfig .cluster/kubeconfig
