@@ -5,6 +5,7 @@ Conditions are the truth; `phase` is only a one-word summary for printer columns
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from slmpack.api.models import Condition, Phase
@@ -50,3 +51,32 @@ def derive_phase(conditions: list[Condition]) -> Phase:
     if is_true(conditions, PLACED):
         return Phase.deploying
     return Phase.pending
+
+
+# ---------------------------------------------------------------- replicas
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What the operator reads of one engine pod."""
+
+    name: str
+    ready: bool
+    waiting_reason: str | None = None  # e.g. CrashLoopBackOff, ImagePullBackOff
+    last_termination_reason: str | None = None  # e.g. OOMKilled, Error
+    restarts: int = 0
+
+
+FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",
+                           "CreateContainerConfigError", "CreateContainerError", "InvalidImageName"}
+
+
+def replica_problem(replicas: list[ReplicaState]) -> str | None:
+    """The first failing replica, in words, or None when none is failing."""
+    for replica in sorted(replicas, key=lambda r: r.name):
+        if replica.waiting_reason in FAILING_WAITING_REASONS:
+            last = f" (last exit: {replica.last_termination_reason})" if replica.last_termination_reason else ""
+            return f"replica {replica.name} is in {replica.waiting_reason}{last} after {replica.restarts} restarts"
+        if replica.last_termination_reason == "OOMKilled" and not replica.ready:
+            return f"replica {replica.name} was OOMKilled: raise its memory limit or lower the replicas per GPU"
+    return None

@@ -1,0 +1,142 @@
+"""The operator's only Kubernetes client code: server-side apply, create-if-absent, reads, events.
+
+Desired objects come from the pure manifest builders; this module only sends them.
+Server-side apply (beta and on by default since Kubernetes 1.18) makes every write a
+declaration of the whole desired object, so reconciling twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from slmpack import API_GROUP, API_VERSION
+from slmpack.core.validation import GPUNode
+
+FIELD_MANAGER = "slmpack"
+log = logging.getLogger(__name__)
+
+
+def load_config() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, the kubeconfig otherwise."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        # Read KUBECONFIG now: the client library captured it when first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+
+    @cached_property
+    def dynamic(self) -> DynamicClient:
+        return DynamicClient(self.api)
+
+    @cached_property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @cached_property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @cached_property
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api)
+
+    @cached_property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    def _resource(self, obj: dict):
+        return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply of the whole desired object."""
+        meta = obj["metadata"]
+        result = self._resource(obj).server_side_apply(
+            body=obj, name=meta["name"], namespace=meta.get("namespace"),
+            field_manager=FIELD_MANAGER, force_conflicts=True)
+        return result.to_dict()
+
+    def create_if_absent(self, obj: dict) -> bool:
+        """Create the object unless one of that name exists; True when this call created it.
+
+        A deterministic name plus create makes "exactly one" hold across operator restarts:
+        the apiserver refuses the second create with 409.
+        """
+        meta = obj["metadata"]
+        try:
+            self._resource(obj).create(body=obj, namespace=meta.get("namespace"))
+            return True
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+
+    # ---------------------------------------------------------------- reads
+
+    def gpu_nodes(self) -> list[GPUNode]:
+        return [GPUNode(name=n.metadata.name, labels=dict(n.metadata.labels or {}),
+                        allocatable=dict(n.status.allocatable or {}))
+                for n in self.core.list_node().items
+                if not n.spec.unschedulable]
+
+    def get_profile(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmprofiles", name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def profiles_with_key(self, namespace: str, key: str) -> list[dict]:
+        return self.custom.list_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
+
+    def get_job(self, namespace: str, name: str) -> client.V1Job | None:
+        try:
+            return self.batch.read_namespaced_job(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def get_statefulset(self, namespace: str, name: str) -> client.V1StatefulSet | None:
+        try:
+            return self.apps.read_namespaced_stateful_set(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pods(self, namespace: str, selector: dict[str, str]) -> list[client.V1Pod]:
+        labels = ",".join(f"{k}={v}" for k, v in selector.items())
+        return self.core.list_namespaced_pod(namespace, label_selector=labels).items
+
+    def add_profile_user(self, profile: dict, owner_reference: dict) -> None:
+        """Add a deployment to a profile's owners, so the profile goes when its last user goes.
+
+        The resourceVersion makes the write conditional: two deployments adding themselves at
+        once cannot drop each other; the loser gets a 409 and retries on its next reconcile.
+        """
+        meta = profile["metadata"]
+        owners = list(meta.get("ownerReferences") or [])
+        if any(o["uid"] == owner_reference["uid"] for o in owners):
+            return
+        self.custom.patch_namespaced_custom_object(
+            API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
+            {"metadata": {"ownerReferences": owners + [owner_reference], "resourceVersion": meta["resourceVersion"]}})
+
+    def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, "slmprofiles", name, {"status": status})

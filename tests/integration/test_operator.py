@@ -1,0 +1,260 @@
+"""The operator in-process (kopf's KopfRunner) against the real local cluster."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from kubernetes import client, utils
+from kubernetes.client.rest import ApiException
+from kubernetes.config import kube_config
+
+from tests.fixtures.fake_gpu import advertise
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node]
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "slmpack.dev", "v1alpha1"
+OPERATOR = ["run", "--standalone", "--all-namespaces", "-m", "slmpack.controller.handlers"]
+PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                 "metadata": {"name": "slmpack-profiler"},
+                 "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
+
+
+@pytest.fixture(scope="module")
+def cluster(node_kubeconfig, api_client):
+    os.environ["KUBECONFIG"] = str(node_kubeconfig)
+    # kopf logs in through the client library, which read KUBECONFIG when it was imported.
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
+    os.environ["SLMPACK_RECONCILE_SECONDS"] = "2"
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        try:
+            utils.create_from_yaml(api_client, str(path))
+        except utils.FailToCreateError as error:
+            if any(e.status != 409 for e in error.api_exceptions):
+                raise
+    try:
+        client.RbacAuthorizationV1Api(api_client).create_cluster_role(PROFILER_ROLE)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    advertise(client.CoreV1Api(api_client), replicas=4)
+    time.sleep(1)  # let the apiserver serve the new CRDs
+    return api_client
+
+
+def deployment(name, **spec):
+    body = {"model": {"name": "/models/SmolLM2-135M-Instruct"}, "engine": {"device": "cpu"},
+            "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": name}, "spec": body}
+
+
+def wait(predicate, seconds=30, what="condition"):
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            last = None
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what} (last: {last})")
+
+
+class Cluster:
+    def __init__(self, api, namespace):
+        self.ns = namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.apps, self.batch, self.core = client.AppsV1Api(api), client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def create(self, body):
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, "slmdeployments", body)
+
+    def patch(self, name, spec):
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, "slmdeployments", name,
+                                                          {"spec": spec})
+
+    def get(self, name):
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, "slmdeployments", name)
+
+    def status(self, name):
+        return self.get(name).get("status") or {}
+
+    def profiles(self):
+        return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.ns, "slmprofiles")["items"]
+
+    def jobs(self):
+        return self.batch.list_namespaced_job(self.ns).items
+
+    def statefulset(self, name):
+        return self.apps.read_namespaced_stateful_set(name, self.ns)
+
+    def write_profile(self, name, knee=16, replication=((1, 300.0), (2, 390.0))):
+        """What the profiler writes when it finishes (simulated here; the profiler has its own tests)."""
+        status = {"phase": "Ready", "profilingPhase": "Done", "message": "measured",
+                  "knee": {"batchSize": knee, "rule": "bca(eps=20%, L=5)", "throughputTokensPerS": 300.0},
+                  "replication": [{"replicas": k, "batchSizePerReplica": knee,
+                                   "aggregateThroughputTokensPerS": t, "p99ItlMs": 40.0} for k, t in replication],
+                  "recommendedReplicas": max(replication, key=lambda r: r[1])[0],
+                  "sweep": {"mode": "adaptive", "probes": 4, "durationS": 120.0}}
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.ns, "slmprofiles", name,
+                                                          {"status": status})
+
+
+@pytest.fixture
+def k(cluster, namespace):
+    return Cluster(cluster, namespace)
+
+
+def engine_args(sts):
+    return sts.spec.template.spec.containers[0].args
+
+
+def test_auto_profiles_once_then_packs_replicas_from_the_profile(k):
+    with KopfRunner(OPERATOR) as runner:
+        k.create(deployment("chat"))
+        profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
+        job = wait(lambda: k.jobs(), what="the profiling Job")[0]
+        assert job.metadata.owner_references[0].name == profile
+        assert job.spec.template.spec.service_account_name == "slmpack-profiler"
+        assert wait(lambda: k.status("chat").get("phase") == "Profiling", what="phase Profiling")
+        k.write_profile(profile)
+        sts = wait(lambda: k.statefulset("chat"), what="the StatefulSet")
+        assert sts.spec.replicas == 2 and sts.spec.pod_management_policy == "OrderedReady"
+        assert engine_args(sts)[engine_args(sts).index("--max-num-seqs") + 1] == "16"
+        assert k.core.read_namespaced_service("chat", k.ns).spec.ports[0].port == 8000
+        status = wait(lambda: k.status("chat").get("plan") and k.status("chat"), what="a plan in status")
+        assert status["plan"]["replicas"] == 2 and status["plan"]["kneeBatchSize"] == 16
+        assert status["profile"] == profile
+        assert status["observedGeneration"] == 1
+        assert {c["type"]: c["status"] for c in status["conditions"]}["ProfileReady"] == "True"
+        assert len(k.jobs()) == 1
+    assert runner.exception is None, runner.output
+
+
+def test_fixed_replicas_skip_profiling(k):
+    with KopfRunner(OPERATOR) as runner:
+        k.create(deployment("fixed", replicas=3))
+        sts = wait(lambda: k.statefulset("fixed"), what="the StatefulSet")
+        assert sts.spec.replicas == 3
+        assert k.profiles() == [] and k.jobs() == []
+        reasons = {c["type"]: c["reason"] for c in wait(lambda: k.status("fixed").get("conditions"))}
+        assert reasons["ProfileReady"] == "ProfilingSkipped"
+    assert runner.exception is None, runner.output
+
+
+def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
+    with KopfRunner(OPERATOR) as runner:
+        k.create(deployment("a"))
+        profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
+        k.write_profile(profile)
+        wait(lambda: k.statefulset("a"), what="StatefulSet a")
+        k.create(deployment("b", port=9000))
+        sts = wait(lambda: k.statefulset("b"), what="StatefulSet b")
+        assert len(k.profiles()) == 1 and len(k.jobs()) == 1
+        assert k.status("b")["profile"] == profile
+        owners = {o["name"] for o in k.profiles()[0]["metadata"]["ownerReferences"]}
+        assert owners == {"a", "b"}
+        assert sts.spec.replicas == 2
+
+        k.patch("b", {"replicas": 1})
+        wait(lambda: k.statefulset("b").spec.replicas == 1, what="b re-planned to 1 replica")
+        k.patch("b", {"replicas": "auto", "profiling": {"workload": {"inputTokens": 64}}})
+        wait(lambda: len(k.profiles()) == 2, what="a second profile for the new workload")
+        wait(lambda: len(k.jobs()) == 2, what="a second profiling Job")
+        assert wait(lambda: k.status("b").get("phase") == "Profiling", what="b profiling again")
+    assert runner.exception is None, runner.output
+
+
+def test_an_operator_killed_mid_profiling_resumes_without_a_second_job(k):
+    with KopfRunner(OPERATOR):
+        k.create(deployment("resume"))
+        wait(lambda: k.jobs(), what="the profiling Job")
+    with KopfRunner(OPERATOR) as runner:
+        time.sleep(6)  # several timer rounds
+        assert len(k.jobs()) == 1 and len(k.profiles()) == 1
+        k.write_profile(k.profiles()[0]["metadata"]["name"])
+        wait(lambda: k.statefulset("resume"), what="the StatefulSet after the restart")
+    assert runner.exception is None, runner.output
+
+
+def test_deletion_leaves_nothing_behind(k):
+    with KopfRunner(OPERATOR) as runner:
+        k.create(deployment("gone"))
+        profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
+        k.write_profile(profile)
+        wait(lambda: k.statefulset("gone"), what="the StatefulSet")
+        k.custom.delete_namespaced_custom_object(GROUP, VERSION, k.ns, "slmdeployments", "gone")
+        wait(lambda: not k.apps.list_namespaced_stateful_set(k.ns).items, 60, "the StatefulSet to be collected")
+        wait(lambda: not [s for s in k.core.list_namespaced_service(k.ns).items], 60, "the Service to be collected")
+        wait(lambda: not k.profiles(), 60, "the profile of its only user to be collected")
+        wait(lambda: not k.jobs(), 60, "the profiling Job to be collected")
+    assert runner.exception is None, runner.output
+
+
+def test_a_crash_looping_replica_marks_the_deployment_degraded(k, busybox_image):
+    with KopfRunner(OPERATOR) as runner:
+        # busybox has no python3: the engine command cannot start, so the replica crash-loops.
+        k.create(deployment("broken", replicas=1, engine={"device": "cpu", "image": busybox_image}))
+        status = wait(lambda: k.status("broken").get("phase") == "Degraded" and k.status("broken"), 120,
+                      "phase Degraded")
+        available = next(c for c in status["conditions"] if c["type"] == "Available")
+        assert available["reason"] == "ReplicaFailing" and "broken-0" in available["message"]
+    assert runner.exception is None, runner.output
+
+
+BAD_AT_APPLY = [
+    ({"sharing": "mig"}, "spec.sharing"),
+    ({"replicas": 0}, "spec.replicas"),
+    ({"replicas": "many"}, "spec.replicas"),
+    ({"profiling": {"efficiencyThresholdPercent": 0}}, "spec.profiling.efficiencyThresholdPercent"),
+    ({"port": 80}, "spec.port"),
+    ({"model": {"name": ""}}, "spec.model.name"),
+]
+
+
+@pytest.mark.parametrize("spec, field", BAD_AT_APPLY, ids=[f for _, f in BAD_AT_APPLY])
+def test_bad_specs_are_rejected_at_apply(k, spec, field):
+    with pytest.raises(ApiException) as error:
+        k.create(deployment("bad", **spec))
+    assert error.value.status == 422 and field in error.value.body
+
+
+BAD_AT_RECONCILE = [
+    ({"profiling": {"minBatchSize": 64, "maxBatchSize": 8}}, "spec.profiling.minBatchSize"),
+    ({"gpu": {"product": "NVIDIA-A100-SXM4-40GB"}}, "spec.gpu: no node offers"),
+    ({"replicas": 9}, "spec.replicas (9) exceeds the 4 sharing slots"),
+    ({"model": {"name": "m", "maxModelLen": 128}}, "spec.profiling.workload needs 256 tokens"),
+]
+
+
+def test_bad_specs_are_marked_invalid_with_an_event_and_create_nothing(k):
+    with KopfRunner(OPERATOR) as runner:
+        for i, (spec, message) in enumerate(BAD_AT_RECONCILE):
+            k.create(deployment(f"bad-{i}", **spec))
+        for i, (_, message) in enumerate(BAD_AT_RECONCILE):
+            status = wait(lambda i=i: k.status(f"bad-{i}").get("phase") == "Failed" and k.status(f"bad-{i}"),
+                          what=f"bad-{i} marked Failed")
+            invalid = next(c for c in status["conditions"] if c["type"] == "InvalidSpec")
+            assert invalid["status"] == "True" and message in invalid["message"], invalid
+        events = wait(lambda: [e for e in k.core.list_namespaced_event(k.ns).items if e.reason == "InvalidSpec"],
+                      what="InvalidSpec events")
+        assert len({e.involved_object.name for e in events}) == len(BAD_AT_RECONCILE)
+        assert k.apps.list_namespaced_stateful_set(k.ns).items == [] and k.jobs() == [] and k.profiles() == []
+    assert runner.exception is None, runner.output
+
+
+def test_the_generated_crds_are_what_kubectl_explain_serves(cluster, node_kubeconfig):
+    kubectl = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
+    explained = subprocess.run([kubectl, "--kubeconfig", node_kubeconfig, "explain", "slmdeployment.spec.sharing"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "How co-located replicas share one GPU" in explained
+    assert yaml.safe_load((ROOT / "crds/slmdeployments.slmpack.dev.yaml").read_text())["spec"]["names"]["shortNames"]
