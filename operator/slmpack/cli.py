@@ -14,7 +14,8 @@ import slmpack
 
 SUBCOMMANDS = {
     "operator": ("slmpack.controller.cli", "run the operator (kopf) that reconciles SLMDeployments"),
-    "profile": ("slmpack.profiler.cli_profile", "profile an engine: sweep batch sizes, find the knee, measure replicas"),
+    "profile": ("slmpack.profiler.cli_profile",
+                "profile an engine: sweep batch sizes, find the knee, measure replicas"),
     "analyze": ("slmpack.profiler.cli_analyze", "analyze existing `vllm bench serve` result files"),
     "exporter": ("slmpack.exporter.cli", "serve NVML power and energy metrics for Prometheus"),
     "crds": ("slmpack.api.crds", "print the CustomResourceDefinitions as YAML"),

@@ -238,7 +238,7 @@ BAD_AT_RECONCILE = [
 
 def test_bad_specs_are_marked_invalid_with_an_event_and_create_nothing(k):
     with KopfRunner(OPERATOR) as runner:
-        for i, (spec, message) in enumerate(BAD_AT_RECONCILE):
+        for i, (spec, _) in enumerate(BAD_AT_RECONCILE):
             k.create(deployment(f"bad-{i}", **spec))
         for i, (_, message) in enumerate(BAD_AT_RECONCILE):
             status = wait(lambda i=i: k.status(f"bad-{i}").get("phase") == "Failed" and k.status(f"bad-{i}"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,29 +41,29 @@ class Model(BaseModel):
 # ---------------------------------------------------------------- shared pieces
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     auto = "auto"
     float16 = "float16"
     bfloat16 = "bfloat16"
     float32 = "float32"
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     gpu = "gpu"
     cpu = "cpu"
 
 
-class Sharing(str, Enum):
+class Sharing(StrEnum):
     mps = "mps"
     time_slicing = "time-slicing"
 
 
-class Placement(str, Enum):
+class Placement(StrEnum):
     device_plugin = "device-plugin"
     dra = "dra"
 
 
-class KneeRule(str, Enum):
+class KneeRule(StrEnum):
     bca = "bca"
     kneedle = "kneedle"
 
@@ -231,7 +231,7 @@ class SLMDeploymentSpec(Model):
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="CPU and memory per replica.")
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     pending = "Pending"
     profiling = "Profiling"
     deploying = "Deploying"
@@ -240,7 +240,7 @@ class Phase(str, Enum):
     failed = "Failed"
 
 
-class ProfilingPhase(str, Enum):
+class ProfilingPhase(StrEnum):
     waiting = "Waiting"
     starting_engine = "StartingEngine"
     sweeping = "Sweeping"
@@ -271,7 +271,8 @@ class SLMDeploymentStatus(Model):
 
     phase: Phase = Field(Phase.pending, description="A one-word summary derived from the conditions.")
     profiling_phase: ProfilingPhase | None = Field(None, description="Where profiling stands, while it runs.")
-    conditions: list[Condition] = Field(default_factory=list, description="ProfileReady, Placed, Available, InvalidSpec.")
+    conditions: list[Condition] = Field(default_factory=list,
+                                        description="ProfileReady, Placed, Available, InvalidSpec.")
     observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
     profile: str | None = Field(None, description="The name of the SLMProfile in use.")
     plan: Plan | None = Field(None, description="The chosen plan.")
@@ -389,7 +390,8 @@ class SLMProfileStatus(Model):
     """The measurements: the curve, the knee, the replication run and the recommendation."""
 
     schema_version: int = Field(REPORT_SCHEMA_VERSION, description="The report format's version.")
-    phase: Literal["Pending", "Profiling", "Ready", "Failed"] = Field("Pending", description="Where the profile stands.")
+    phase: Literal["Pending", "Profiling", "Ready", "Failed"] = Field(
+        "Pending", description="Where the profile stands.")
     profiling_phase: ProfilingPhase | None = Field(None, description="The profiler's current step.")
     message: str | None = Field(None, description="Progress or failure, in words.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready.")

@@ -160,10 +160,9 @@ class Reconciler:
         known = {f.alias or n for n, f in SLMProfileStatus.model_fields.items()}
         measured = SLMProfileStatus.model_validate({k: v for k, v in raw_status.items() if k in known})
         if measured.phase == "Ready" and measured.knee is not None:
-            if cond.get_condition(self.before.conditions, cond.PROFILE_READY) is None or \
-                    cond.get_condition(self.before.conditions, cond.PROFILE_READY).status != "True":
-                if measured.sweep and measured.sweep.duration_s:
-                    PROFILING_SECONDS.observe(measured.sweep.duration_s)
+            newly_ready = not cond.is_true(self.before.conditions, cond.PROFILE_READY)
+            if newly_ready and measured.sweep and measured.sweep.duration_s:
+                PROFILING_SECONDS.observe(measured.sweep.duration_s)
             self.status.profiling_phase = None
             self.condition(cond.PROFILE_READY, True, "ProfileMeasured",
                            f"SLMProfile {name}: knee at batch {measured.knee.batch_size}, "
