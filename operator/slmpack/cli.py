@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module_name).configure(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the rest
     return importlib.import_module(args.module_name).run(args)
 
 

