@@ -47,6 +47,7 @@ def plot(status: SLMProfileStatus, out: Path, title: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
     ok = [p for p in status.points if p.error is None and p.output_throughput_tokens_per_s]
@@ -58,8 +59,9 @@ def plot(status: SLMProfileStatus, out: Path, title: str = "") -> list[Path]:
     ax.plot([p.batch_size for p in ok], [p.output_throughput_tokens_per_s for p in ok], "o-", label="measured")
     if status.knee:
         ax.axvline(status.knee.batch_size, color="tab:red", ls="--", label=f"knee B={status.knee.batch_size}")
-    ax.set(xscale="log", xlabel="batch size (concurrent requests)", ylabel="output tokens/s",
-           title="Throughput vs batch")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set(xlabel="batch size (concurrent requests)", ylabel="output tokens/s", title="Throughput vs batch")
     ax.legend()
 
     ax = axes[1]
