@@ -72,7 +72,7 @@ async def stream_completion(client: httpx.AsyncClient, endpoint: Endpoint, promp
                 last = now
                 chunks += 1
     except (httpx.HTTPError, json.JSONDecodeError) as error:
-        return RequestResult(error=f"{type(error).__name__}: {error}" or type(error).__name__)
+        return RequestResult(error=f"{type(error).__name__}: {error}")
     if first is None:
         return RequestResult(error="the stream ended without a token")
     return RequestResult(prompt_tokens=prompt_tokens, output_tokens=completion_tokens or chunks,

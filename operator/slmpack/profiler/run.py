@@ -14,6 +14,7 @@ reported against one replica at its best batch in the sweep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -77,10 +78,8 @@ def measure_point(endpoints: list[Endpoint], batch: int, requests: int, workload
                 while not done.is_set():
                     sample = await scrape_engine_metrics(client, endpoints[0].base_url)
                     peak_kv.append(sample.get("kv", 0.0))
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(done.wait(), 0.5)
-                    except TimeoutError:
-                        pass
 
             watcher = asyncio.create_task(watch_kv())
             results, duration = await closed_loop(endpoints, batch, requests, workload,
