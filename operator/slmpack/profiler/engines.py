@@ -114,7 +114,7 @@ class VllmEngine:
             raise EngineError(f"port {port} is in use: choose another --port-base")
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
-                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype, "--disable-log-requests",
+                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
                 *self.extra_args]
         env = dict(os.environ)
         if self.device == "cpu":

@@ -1,0 +1,73 @@
+"""`slmpack exporter`: GPU power and energy, attributed to pods, for Prometheus.
+
+Serves `/metrics` and `/healthz`. Without a GPU it still serves: `slmpack_exporter_nvml_up 0`
+and the NVML error, and `/healthz` answers 200 with `{"nvml": "down", "error": ...}` (the
+process is healthy; the node has no usable GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=9400)
+    parser.add_argument("--address", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                        help="this node, for the pod lookup (default $NODE_NAME); empty: no pod attribution")
+    parser.add_argument("--fake-devices", metavar="GPUS:PROCESSES",
+                        help="development and tests: serve a fake node of GPUS GPUs with PROCESSES engine pods "
+                             "each instead of NVML")
+    parser.add_argument("--fake-deployment", default="demo", metavar="[NAMESPACE/]NAME",
+                        help="the SLMDeployment the fake pods belong to")
+
+
+def build_collector(args: argparse.Namespace):
+    from slmpack.exporter.collector import GpuCollector
+
+    if args.fake_devices:
+        from slmpack.exporter.fake import FakePods, fake_node
+
+        gpus, _, per_gpu = args.fake_devices.partition(":")
+        namespace, _, name = args.fake_deployment.rpartition("/")
+        node = fake_node(int(gpus), int(per_gpu or 1), namespace or "default", name)
+        return GpuCollector(node, FakePods(node))
+    from slmpack.exporter.nvml import NvmlSource
+    from slmpack.exporter.pods import PodDirectory, kubelet_pods
+
+    pods = PodDirectory(kubelet_pods(args.node_name)) if args.node_name else None
+    return GpuCollector(NvmlSource(), pods)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    registry = CollectorRegistry()
+    collector = build_collector(args)
+    registry.register(collector)
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/healthz":
+            body = json.dumps({"nvml": "up" if collector.nvml_up else "down", "error": collector.last_error})
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body.encode()]
+        return metrics(environ, start_response)
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *_):  # one line per scrape is noise
+            pass
+
+    server = make_server(args.address, args.port, app, handler_class=QuietHandler)
+    list(registry.collect())  # read once now, so a missing GPU is logged at start
+    log.info("serving /metrics and /healthz on %s:%d (NVML %s)", args.address, args.port,
+             "up" if collector.nvml_up else f"down: {collector.last_error}")
+    server.serve_forever()
+    return 0

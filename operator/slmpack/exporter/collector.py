@@ -1,0 +1,125 @@
+"""The Prometheus collector: reads the GPUs at scrape time and builds fresh metric families.
+
+No polling thread and no cache of readings: each scrape calls the device source once.
+The only state is the per-pod energy ledger, which must persist for its counters to be
+counters. Names follow DCGM's fields under the `slmpack_` prefix, in base units.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from slmpack.core.attribution import EnergyLedger
+from slmpack.exporter.nvml import DeviceSource, SourceDown
+from slmpack.exporter.pods import UNKNOWN, PodDirectory, PodRef
+
+log = logging.getLogger(__name__)
+GPU_LABELS = ["gpu", "uuid", "product"]
+POD_LABELS = ["gpu", "uuid", "namespace", "pod", "container", "slmdeployment"]
+
+# (attribute of GpuReading, metric name, help, DCGM field it corresponds to)
+GPU_GAUGES = [
+    ("power_watts", "slmpack_gpu_power_watts", "GPU power draw in watts (DCGM_FI_DEV_POWER_USAGE)."),
+    ("power_limit_watts", "slmpack_gpu_power_limit_watts", "Enforced power limit in watts (DCGM_FI_DEV_POWER_MGMT_LIMIT)."),
+    ("gpu_utilization_ratio", "slmpack_gpu_utilization_ratio", "GPU utilization, 0 to 1 (DCGM_FI_DEV_GPU_UTIL / 100)."),
+    ("memory_utilization_ratio", "slmpack_gpu_memory_utilization_ratio",
+     "Memory bandwidth utilization, 0 to 1 (DCGM_FI_DEV_MEM_COPY_UTIL / 100)."),
+    ("memory_used_bytes", "slmpack_gpu_memory_used_bytes", "Framebuffer memory used in bytes (DCGM_FI_DEV_FB_USED)."),
+    ("memory_total_bytes", "slmpack_gpu_memory_total_bytes", "Framebuffer memory in bytes (DCGM_FI_DEV_FB_TOTAL)."),
+    ("sm_clock_hertz", "slmpack_gpu_sm_clock_hertz", "SM clock in hertz (DCGM_FI_DEV_SM_CLOCK)."),
+    ("temperature_celsius", "slmpack_gpu_temperature_celsius", "GPU temperature (DCGM_FI_DEV_GPU_TEMP)."),
+]
+
+
+class GpuCollector(Collector):
+    def __init__(self, source: DeviceSource | None, pods: PodDirectory | None,
+                 source_error: str | None = None) -> None:
+        self.source, self.pods = source, pods
+        self.source_error = source_error  # why there is no source at all
+        self.ledger = EnergyLedger()
+        self.nvml_up = False
+        self.last_error: str | None = source_error
+        self._logged_down = False
+
+    def describe(self):
+        return []  # families are built at scrape time
+
+    def collect(self):
+        up = GaugeMetricFamily("slmpack_exporter_nvml_up", "1 when NVML answered this scrape, 0 when not.")
+        info = InfoMetricFamily("slmpack_exporter_nvml", "Why NVML did not answer, when it did not.")
+        try:
+            if self.source is None:
+                raise SourceDown(self.source_error or "no device source")
+            snapshot = self.source.read()
+        except SourceDown as error:
+            self.nvml_up, self.last_error = False, str(error)
+            if not self._logged_down:
+                log.warning("NVML is not available, serving no GPU metrics: %s", error)
+                self._logged_down = True
+            up.add_metric([], 0)
+            info.add_metric([], {"error": str(error)})
+            yield from (up, info)
+            return
+        self.nvml_up, self.last_error, self._logged_down = True, None, False
+        up.add_metric([], 1)
+        info.add_metric([], {"error": "; ".join(snapshot.failed_devices)})
+        yield from (up, info)
+        yield from self._gpu_families(snapshot)
+        yield from self._pod_families(snapshot)
+
+    def _gpu_families(self, snapshot):
+        for attribute, name, help_text in GPU_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=GPU_LABELS)
+            for gpu in snapshot.gpus:
+                value = getattr(gpu, attribute)
+                if value is not None:
+                    family.add_metric([str(gpu.index), gpu.uuid, gpu.product], value)
+            yield family
+        energy = CounterMetricFamily(
+            "slmpack_gpu_energy_joules", "Energy used since the driver loaded, in joules "
+            "(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION is the same counter in millijoules).", labels=GPU_LABELS)
+        for gpu in snapshot.gpus:
+            if gpu.energy_joules_total is not None:
+                energy.add_metric([str(gpu.index), gpu.uuid, gpu.product], gpu.energy_joules_total)
+        yield energy
+
+    def _pod_families(self, snapshot):
+        gpus = {g.index: g for g in snapshot.gpus}
+        memory = defaultdict(float)
+        utilization: dict[str, dict[PodRef, float | None]] = defaultdict(dict)
+        for process in snapshot.processes:
+            gpu = gpus.get(process.gpu_index)
+            ref = self.pods.lookup(process.pid) if self.pods else UNKNOWN
+            if gpu is None or ref == UNKNOWN:
+                continue  # not a pod's process, or it exited between the NVML read and the lookup
+            key = (gpu.index, gpu.uuid, ref)
+            memory[key] += process.used_memory_bytes or 0
+            previous = utilization[gpu.uuid].get(ref, 0.0)
+            current = process.sm_utilization_percent
+            utilization[gpu.uuid][ref] = None if current is None or previous is None else previous + current
+
+        used = GaugeMetricFamily("slmpack_pod_gpu_memory_used_bytes",
+                                 "GPU memory used by a pod's processes, in bytes.", labels=POD_LABELS)
+        presence = GaugeMetricFamily("slmpack_pod_gpu_info", "1 for each pod with processes on a GPU.",
+                                     labels=POD_LABELS)
+        for (index, uuid, ref), value in sorted(memory.items(), key=lambda kv: (kv[0][0], kv[0][2].pod)):
+            labels = [str(index), uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment]
+            used.add_metric(labels, value)
+            presence.add_metric(labels, 1)
+        yield from (used, presence)
+
+        energy = CounterMetricFamily(
+            "slmpack_pod_gpu_energy_joules", "A pod's share of its GPU's energy, in joules; `method` says how it "
+            "was split (process_utilization or equal_share).", labels=[*POD_LABELS, "method"])
+        for gpu in snapshot.gpus:
+            method = self.ledger.record(gpu.uuid, gpu.energy_joules_total,
+                                        {(gpu.uuid, ref): u for ref, u in utilization.get(gpu.uuid, {}).items()})
+            for (uuid, ref), joules in sorted(self.ledger.counters.items(), key=lambda kv: kv[0][1].pod):
+                if uuid == gpu.uuid:
+                    energy.add_metric([str(gpu.index), uuid, ref.namespace, ref.pod, ref.container,
+                                       ref.slmdeployment, method], joules)
+        yield energy

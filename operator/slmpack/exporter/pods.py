@@ -1,0 +1,98 @@
+"""From a process ID to its pod: /proc/<pid>/cgroup gives the pod UID and container ID, the
+kubelet's (or the API's) pod list gives the pod. The list is cached for a few seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DEPLOYMENT_LABEL = "slmpack.dev/deployment"
+# cgroup v1 and v2, cgroupfs and systemd drivers, containerd / CRI-O / Docker:
+#   .../kubepods/burstable/pod<uid>/<container-id>
+#   .../kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<container-id>.scope
+POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+CONTAINER_ID = re.compile(r"(?:cri-containerd-|crio-|docker-)?([0-9a-f]{64})(?:\.scope)?$")
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    pod: str
+    container: str
+    slmdeployment: str
+
+
+UNKNOWN = PodRef("", "", "", "")
+
+
+def parse_cgroup(text: str) -> tuple[str | None, str | None]:
+    """The pod UID and container ID in a /proc/<pid>/cgroup file, or None where absent."""
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        match = POD_UID.search(path)
+        if match:
+            container = CONTAINER_ID.search(path.rstrip("/"))
+            return match.group(1).replace("_", "-"), container.group(1) if container else None
+    return None, None
+
+
+def pods_by_uid(pod_list: dict) -> dict[str, dict]:
+    return {p["metadata"]["uid"]: p for p in pod_list.get("items", [])}
+
+
+def container_name(pod: dict, container_id: str | None) -> str:
+    for status in pod.get("status", {}).get("containerStatuses", []) or []:
+        if container_id and (status.get("containerID") or "").endswith(container_id):
+            return status["name"]
+    containers = pod.get("spec", {}).get("containers", [])
+    return containers[0]["name"] if len(containers) == 1 else ""
+
+
+class PodDirectory:
+    """pid → PodRef, with the pod list fetched at most every `ttl_s` seconds."""
+
+    def __init__(self, fetch_pods: Callable[[], dict], proc: Path = Path("/proc"), ttl_s: float = 10) -> None:
+        self.fetch_pods, self.proc, self.ttl_s = fetch_pods, proc, ttl_s
+        self._pods: dict[str, dict] = {}
+        self._fetched_at = float("-inf")
+
+    def _pod_list(self) -> dict[str, dict]:
+        if time.monotonic() - self._fetched_at > self.ttl_s:
+            try:
+                self._pods = pods_by_uid(self.fetch_pods())
+            except Exception:  # the API or kubelet being away must not fail a scrape
+                pass
+            self._fetched_at = time.monotonic()
+        return self._pods
+
+    def lookup(self, pid: int) -> PodRef:
+        try:
+            text = (self.proc / str(pid) / "cgroup").read_text()
+        except OSError:
+            return UNKNOWN  # the process exited between the NVML read and now
+        uid, container_id = parse_cgroup(text)
+        pod = self._pod_list().get(uid) if uid else None
+        if pod is None:
+            return UNKNOWN
+        meta = pod["metadata"]
+        return PodRef(meta.get("namespace", ""), meta.get("name", ""), container_name(pod, container_id),
+                      (meta.get("labels") or {}).get(DEPLOYMENT_LABEL, ""))
+
+
+def kubelet_pods(node_name: str) -> Callable[[], dict]:
+    """The pods on this node, through the API (field selector on the node)."""
+    from kubernetes import client
+
+    from slmpack.adapters.kube import load_config
+
+    api = client.CoreV1Api(load_config())
+
+    def fetch() -> dict:
+        pods = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_name}")
+        return api.api_client.sanitize_for_serialization(pods)
+
+    return fetch
