@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 GPU_LABELS = ["gpu", "uuid", "product"]
 POD_LABELS = ["gpu", "uuid", "namespace", "pod", "container", "slmdeployment"]
 
-# (attribute of GpuReading, metric name, help, DCGM field it corresponds to)
+# (attribute of GpuReading, metric name, help naming the DCGM field it corresponds to)
 GPU_GAUGES = [
     ("power_watts", "slmpack_gpu_power_watts", "GPU power draw in watts (DCGM_FI_DEV_POWER_USAGE)."),
-    ("power_limit_watts", "slmpack_gpu_power_limit_watts", "Enforced power limit in watts (DCGM_FI_DEV_POWER_MGMT_LIMIT)."),
+    ("power_limit_watts", "slmpack_gpu_power_limit_watts",
+     "Enforced power limit in watts (DCGM_FI_DEV_POWER_MGMT_LIMIT)."),
     ("gpu_utilization_ratio", "slmpack_gpu_utilization_ratio", "GPU utilization, 0 to 1 (DCGM_FI_DEV_GPU_UTIL / 100)."),
     ("memory_utilization_ratio", "slmpack_gpu_memory_utilization_ratio",
      "Memory bandwidth utilization, 0 to 1 (DCGM_FI_DEV_MEM_COPY_UTIL / 100)."),

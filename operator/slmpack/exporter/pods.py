@@ -4,6 +4,7 @@ kubelet's (or the API's) pod list gives the pod. The list is cached for a few se
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -62,10 +63,9 @@ class PodDirectory:
 
     def _pod_list(self) -> dict[str, dict]:
         if time.monotonic() - self._fetched_at > self.ttl_s:
-            try:
+            # The API or kubelet being away must not fail a scrape: keep the last list.
+            with contextlib.suppress(Exception):
                 self._pods = pods_by_uid(self.fetch_pods())
-            except Exception:  # the API or kubelet being away must not fail a scrape
-                pass
             self._fetched_at = time.monotonic()
         return self._pods
 
