@@ -1,0 +1,87 @@
+{{/* Names are cut to 63 characters, the limit of a DNS label. */}}
+{{- define "slmpack.name" -}}
+{{- printf "%s" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "slmpack.fullname" -}}
+{{- if contains "slmpack" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-slmpack" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "slmpack.component" -}}
+{{- printf "%s-%s" (include "slmpack.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "slmpack.labels" -}}
+app.kubernetes.io/name: slmpack
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "slmpack.selector" -}}
+app.kubernetes.io/name: slmpack
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The ClusterRole the profiling Jobs run under; the operator binds it where it profiles. */}}
+{{- define "slmpack.profilerRole" -}}
+slmpack-profiler
+{{- end -}}
+
+{{- define "slmpack.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "slmpack.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* What the operator does in a watched namespace, and nothing more. */}}
+{{- define "slmpack.operatorRules" -}}
+- apiGroups: [slmpack.dev]
+  resources: [slmdeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [slmpack.dev]
+  resources: [slmdeployments/status]
+  verbs: [get, patch]
+- apiGroups: [slmpack.dev]
+  resources: [slmdeployments/finalizers]
+  verbs: [update]
+- apiGroups: [slmpack.dev]
+  resources: [slmprofiles]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [apps]
+  resources: [statefulsets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services, serviceaccounts]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
+  verbs: [get, create, patch]
+- apiGroups: [resource.k8s.io]
+  resources: [resourceclaims]
+  verbs: [get, create, patch]
+{{- end -}}
