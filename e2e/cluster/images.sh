@@ -6,6 +6,7 @@
 #   images.sh pause TAG BINARY              the pod sandbox image from Kubernetes' own pause.c
 #   images.sh busybox TAG                   a busybox image from Debian's busybox-static
 #   images.sh build TAG DOCKERFILE [CONTEXT]  a Dockerfile from images/, built with --pull-never
+#                                           (TARGET=stage picks a stage of a multi-stage file)
 #   images.sh import TAG                    load the cached tar into the node's containerd
 #   images.sh tar-path TAG                  where the tar of TAG is cached
 #
@@ -98,7 +99,8 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   local tag=$1 dockerfile=$2 context=${3:-$ROOT} no_archive=${4:-}
   log "building $tag from $dockerfile"
   # shellcheck disable=SC2046
-  buildah bud --pull-never --network host --layers -q $(build_mounts) -f "$dockerfile" -t "$tag" "$context" >/dev/null
+  buildah bud --pull-never --network host --layers -q $(build_mounts) ${TARGET:+--target "$TARGET"} \
+    -f "$dockerfile" -t "$tag" "$context" >/dev/null
   [ "$no_archive" = --no-archive ] || archive "$tag"
 }
 
