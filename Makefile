@@ -25,8 +25,10 @@ lint: ## ruff and the import layers
 	ruff check operator tests
 	lint-imports
 
-test: deps lint ## every test tier: unit, control plane, node, engine, Prometheus, chart
-	$(PYTHON) -m pytest -ra
+test: deps lint k8s-binaries helm ## every test tier: unit, control plane, node, engine, Prometheus, chart
+	# pytest exits 5 when it collected no test: a suite that ran nothing has failed.
+	$(PYTHON) -m pytest -ra; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
 
 test-fast: ## unit tests only (seconds)
 	$(PYTHON) -m pytest -ra -m 'not cluster and not node and not engine and not prometheus'
