@@ -22,7 +22,7 @@ deps: system-deps ## install slmpack, its CPU engine and the test tools into thi
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 lint: ## ruff and the import layers
-	ruff check operator tests
+	ruff check operator tests benchmarks e2e
 	lint-imports
 
 test: deps lint k8s-binaries helm ## every test tier: unit, control plane, node, engine, Prometheus, chart

@@ -115,7 +115,7 @@ def set_up_local_cluster() -> None:
 def helm_install() -> None:
     sh(HELM, "upgrade", "--install", "slmpack", str(ROOT / "charts/slmpack"), "--namespace", SYSTEM_NS,
        "--create-namespace", "--wait", "--timeout", "5m", "--set", "devMode.cpu=true",
-       "--set", f"devMode.fakeDeployment={APP_NS}/{NAME}", "--set", "operator.reconcileSeconds=5",
+       "--set", f"devMode.fakeDeployment={APP_NS}/{NAME}",
        "--set", "exporter.runtimeClassName=")
     kubectl("create", "namespace", APP_NS, check=False)
 
@@ -167,7 +167,8 @@ def replicas_ready() -> dict:
     assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
 
     def show():
-        return f"{status('slmd', NAME).get('readyReplicas', 0)}/{planned} ready, phase {status('slmd', NAME).get('phase')}"
+        now = status("slmd", NAME)
+        return f"{now.get('readyReplicas', 0)}/{planned} ready, phase {now.get('phase')}"
 
     wait(lambda: status("slmd", NAME).get("phase") == "Ready", 1500, "the replicas", 5, show)
     pods = sorted(items("pods", selector=f"slmpack.dev/deployment={NAME}"), key=lambda p: p["metadata"]["name"])

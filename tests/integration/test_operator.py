@@ -29,7 +29,6 @@ def cluster(node_kubeconfig, api_client):
     os.environ["KUBECONFIG"] = str(node_kubeconfig)
     # kopf logs in through the client library, which read KUBECONFIG when it was imported.
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
-    os.environ["SLMPACK_RECONCILE_SECONDS"] = "2"
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         try:
             utils.create_from_yaml(api_client, str(path))
@@ -192,6 +191,7 @@ def test_deletion_leaves_nothing_behind(k):
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         k.write_profile(profile)
         wait(lambda: k.statefulset("gone"), what="the StatefulSet")
+        assert not k.get("gone")["metadata"].get("finalizers"), "deletion must not wait for the operator"
         k.custom.delete_namespaced_custom_object(GROUP, VERSION, k.ns, "slmdeployments", "gone")
         wait(lambda: not k.apps.list_namespaced_stateful_set(k.ns).items, 60, "the StatefulSet to be collected")
         wait(lambda: not [s for s in k.core.list_namespaced_service(k.ns).items], 60, "the Service to be collected")

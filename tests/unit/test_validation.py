@@ -6,9 +6,9 @@ from slmpack.core.validation import GPUNode, InvalidSpec, choose_node, parse_spe
 
 H100 = GPUNode("gpu-a", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.replicas": "4",
                          "nvidia.com/gpu.sharing-strategy": "mps", "nvidia.com/gpu.memory": "81559"},
-               {"nvidia.com/gpu": "4"})
+               {"nvidia.com/gpu": 4})
 L4 = GPUNode("gpu-b", {"nvidia.com/gpu.product": "NVIDIA-L4", "nvidia.com/gpu.sharing-strategy": "time-slicing",
-                       "nvidia.com/gpu.replicas": "2"}, {"nvidia.com/gpu": "2"})
+                       "nvidia.com/gpu.replicas": "2"}, {"nvidia.com/gpu": 2})
 
 
 def parse(**spec):

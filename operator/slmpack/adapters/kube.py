@@ -15,6 +15,7 @@ from functools import cached_property
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.utils import parse_quantity
 
 from slmpack import API_GROUP, API_VERSION
 from slmpack.core.validation import GPUNode
@@ -87,7 +88,7 @@ class Kube:
 
     def gpu_nodes(self) -> list[GPUNode]:
         return [GPUNode(name=n.metadata.name, labels=dict(n.metadata.labels or {}),
-                        allocatable=dict(n.status.allocatable or {}))
+                        allocatable={k: int(parse_quantity(v)) for k, v in (n.status.allocatable or {}).items()})
                 for n in self.core.list_node().items
                 if not n.spec.unschedulable]
 
@@ -102,6 +103,22 @@ class Kube:
     def profiles_with_key(self, namespace: str, key: str) -> list[dict]:
         return self.custom.list_namespaced_custom_object(
             API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
+
+    def get_deployment(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments", name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch_deployment_status(self, namespace: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, "slmdeployments", name, {"status": status})
+
+    def deployments_using_profile(self, namespace: str, profile: str) -> list[str]:
+        items = self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments")["items"]
+        return [d["metadata"]["name"] for d in items if (d.get("status") or {}).get("profile") == profile]
 
     def get_job(self, namespace: str, name: str) -> client.V1Job | None:
         try:

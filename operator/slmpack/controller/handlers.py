@@ -2,8 +2,9 @@
 
 Reconcile is level-triggered: every run derives the desired objects from the spec and
 what the cluster holds now, applies them, and rewrites the status. It runs on create,
-on spec change, on operator start, and on a timer, so the status follows the pods and
-the profile, and a crash at any point is repaired by the next run.
+on spec change, on operator start, and on every event of the engine pods, the profile
+and its Job, so the status follows them, and a crash at any point is repaired by the
+next run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from slmpack.adapters.kube import Kube, load_config
 from slmpack.api.models import Device, Placement, SLMDeploymentSpec, SLMDeploymentStatus, SLMProfileStatus
 from slmpack.core import conditions as cond
 from slmpack.core.manifests import (
+    DEPLOYMENT_LABEL,
+    PROFILE_LABEL,
     Owner,
     build_profile,
     build_profiler_access,
@@ -36,7 +39,6 @@ from slmpack.core.manifests import (
 from slmpack.core.planner import plan
 from slmpack.core.validation import GPUNode, InvalidSpec, choose_node, parse_spec, spec_problems
 
-RECONCILE_SECONDS = float(os.environ.get("SLMPACK_RECONCILE_SECONDS", "15"))
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
 
 RECONCILES = Counter("slmpack_operator_reconciles_total", "SLMDeployment reconciles, by outcome.", ["outcome"])
@@ -263,6 +265,32 @@ def slmdeployment_changed(body, patch, **_) -> None:
     reconcile(body, patch)
 
 
-@kopf.timer(API_GROUP, API_VERSION, "slmdeployments", interval=RECONCILE_SECONDS, initial_delay=RECONCILE_SECONDS)
-def slmdeployment_follow(body, patch, **_) -> None:
-    reconcile(body, patch)
+# The status follows what the deployment depends on. These are event handlers, not timers:
+# kopf guards timers with a finalizer, and a finalizer would block deletion whenever the
+# operator is not running. Each event re-runs the same level-triggered reconcile.
+
+
+def refresh(namespace: str, name: str) -> None:
+    body = kube().get_deployment(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    status = Reconciler(body, kube(), datetime.now(UTC)).run()
+    kube().patch_deployment_status(namespace, name, {
+        field.alias: status.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()})
+
+
+@kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+def engine_pod_event(labels, namespace, **_) -> None:
+    refresh(namespace, labels[DEPLOYMENT_LABEL])
+
+
+@kopf.on.event(API_GROUP, API_VERSION, "slmprofiles")
+def slmprofile_event(name, namespace, **_) -> None:
+    for deployment in kube().deployments_using_profile(namespace, name):
+        refresh(namespace, deployment)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
+def profiling_job_event(labels, namespace, **_) -> None:
+    for deployment in kube().deployments_using_profile(namespace, labels[PROFILE_LABEL]):
+        refresh(namespace, deployment)

@@ -24,7 +24,7 @@ class GPUNode:
 
     name: str
     labels: dict[str, str] = field(default_factory=dict)
-    allocatable: dict[str, str] = field(default_factory=dict)
+    allocatable: dict[str, int] = field(default_factory=dict)  # whole units, e.g. {"nvidia.com/gpu": 4}
 
     def label_int(self, key: str) -> int | None:
         value = self.labels.get(key, "")
@@ -84,7 +84,7 @@ def node_matches(spec: SLMDeploymentSpec, node: GPUNode) -> bool:
     if any(node.labels.get(k) != v for k, v in spec.gpu.node_selector.items()):
         return False
     if spec.placement == Placement.device_plugin:
-        if int(node.allocatable.get(spec.gpu.resource_name, "0") or 0) < 1:
+        if node.allocatable.get(spec.gpu.resource_name, 0) < 1:
             return False
         strategy = node.labels.get(SHARING_STRATEGY)
         if strategy is not None and strategy not in (spec.sharing.value, "none"):
