@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module_name).configure(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the rest
+    # One line per request or probe drowns the rest.
+    for chatty in ("httpx", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     return importlib.import_module(args.module_name).run(args)
 
 

@@ -35,14 +35,19 @@ def cluster(node_kubeconfig, api_client):
         except utils.FailToCreateError as error:
             if any(e.status != 409 for e in error.api_exceptions):
                 raise
+    rbac = client.RbacAuthorizationV1Api(api_client)
     try:
-        client.RbacAuthorizationV1Api(api_client).create_cluster_role(PROFILER_ROLE)
+        rbac.create_cluster_role(PROFILER_ROLE)
+        created_role = True
     except ApiException as error:
         if error.status != 409:
             raise
+        created_role = False  # the chart's, on a cluster where slmpack is installed
     advertise(client.CoreV1Api(api_client), replicas=4)
     time.sleep(1)  # let the apiserver serve the new CRDs
-    return api_client
+    yield api_client
+    if created_role:
+        rbac.delete_cluster_role(PROFILER_ROLE["metadata"]["name"])
 
 
 def deployment(name, **spec):
