@@ -10,6 +10,7 @@ become its clients. The `openai` driver measures endpoints that already run
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -53,6 +54,8 @@ class RunningEngine:
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
+        # As uvicorn does: connections of a stopped server in TIME_WAIT do not block a new one.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
             return True
@@ -82,10 +85,12 @@ def stop(engine: RunningEngine, grace_s: float = 20) -> None:
     if process is None or process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(grace_s)
-    except subprocess.TimeoutExpired:
+    # The engine-core children may outlive the API server; none may hold the port or the memory.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(10)
 
 
