@@ -60,7 +60,7 @@ def plot(status: SLMProfileStatus, out: Path, title: str = "") -> list[Path]:
     if status.knee:
         ax.axvline(status.knee.batch_size, color="tab:red", ls="--", label=f"knee B={status.knee.batch_size}")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set(xlabel="batch size (concurrent requests)", ylabel="output tokens/s", title="Throughput vs batch")
     ax.legend()
 
