@@ -97,6 +97,13 @@ busybox() {
 
 build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   local tag=$1 dockerfile=$2 context=${3:-$ROOT} no_archive=${4:-}
+  local tar; tar=$(tar_path "$tag")
+  # A cached tar newer than the Dockerfile and every tracked source is current: writing a
+  # multi-gigabyte archive again costs minutes.
+  if [ -f "$tar" ] && exists "$tag" && [ -z "$(find "$dockerfile" "$ROOT/pyproject.toml" "$ROOT/operator" \
+       -newer "$tar" -type f -not -name '*.pyc' 2>/dev/null | head -1)" ]; then
+    log "$tag is current ($tar)"; return 0
+  fi
   log "building $tag from $dockerfile"
   # shellcheck disable=SC2046
   buildah bud --pull-never --network host --layers -q $(build_mounts) ${TARGET:+--target "$TARGET"} \
@@ -107,7 +114,12 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
 import() {
   local tag=$1 tar; tar=$(tar_path "$1")
   [ -f "$tar" ] || { log "no cached tar for $tag: build it first"; exit 1; }
+  local marker; marker="$(dirname "$tar")/.imported-$(basename "$tar")"
+  if "$HERE/cluster.sh" ctr images ls -q | grep -qx "docker.io/$tag" && [ "$marker" -nt "$tar" ]; then
+    log "$tag is already on the node"; return 0
+  fi
   "$HERE/cluster.sh" ctr images import "$tar" >/dev/null
+  touch "$marker"
   log "imported $tag into the node"
 }
 
