@@ -20,9 +20,9 @@ RUN /opt/slmpack/bin/pip install --no-cache-dir ".[cpu]" gguf accelerate \
  && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM docker.io/library/python:3.11-slim
-# vLLM's CPU backend compiles kernels with g++ at start; libnuma binds its threads to cores.
+# vLLM's CPU backend compiles kernels with g++ (against Python.h) at start; libnuma binds its threads.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ libnuma1 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ python3-dev libnuma1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp slmpack
 COPY --from=build /opt/slmpack /opt/slmpack
