@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         requests_per_point=args.requests_per_point, max_replicas=args.max_replicas, port_base=args.port_base,
         gpu_memory_mib=args.gpu_memory_mib, restart_per_batch=args.restart_per_batch)
 
+    # SIGTERM (a Job's pod deleted, `timeout`) unwinds like Ctrl-C, so the engines started in
+    # their own process groups are stopped by the run's cleanup instead of outliving it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     writer = status_writer(args.write_profile)
     bar = tqdm(total=len(grid) if not settings.adaptive else None, desc="profiling", unit="probe",
                disable=not sys.stderr.isatty())
