@@ -117,6 +117,9 @@ def helm_install() -> None:
        "--create-namespace", "--wait", "--timeout", "5m", "--set", "devMode.cpu=true",
        "--set", f"devMode.fakeDeployment={APP_NS}/{NAME}",
        "--set", "exporter.runtimeClassName=")
+    # A namespace left from an earlier run may still be terminating: let it go, then start fresh.
+    wait(lambda: (get("namespace", APP_NS, namespace="default") or {}).get("status", {}).get("phase") != "Terminating",
+         300, f"namespace {APP_NS} from an earlier run to finish terminating")
     kubectl("create", "namespace", APP_NS, check=False)
 
 
