@@ -18,6 +18,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CACHE=${SLMPACK_CACHE:-$HOME/.cache/slmpack}/images
+DIR_STATE=${CLUSTER_DIR:-$ROOT/.cluster}/images
 mkdir -p "$CACHE"
 
 log() { echo "[images] $*" >&2; }
@@ -97,29 +98,34 @@ busybox() {
 
 build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   local tag=$1 dockerfile=$2 context=${3:-$ROOT} no_archive=${4:-}
-  local tar; tar=$(tar_path "$tag")
-  # A cached tar newer than the Dockerfile and every tracked source is current: writing a
-  # multi-gigabyte archive again costs minutes.
-  if [ -f "$tar" ] && exists "$tag" && [ -z "$(find "$dockerfile" "$ROOT/pyproject.toml" "$ROOT/operator" \
-       -newer "$tar" -type f -not -name '*.pyc' 2>/dev/null | head -1)" ]; then
-    log "$tag is current ($tar)"; return 0
-  fi
   log "building $tag from $dockerfile"
   # shellcheck disable=SC2046
   buildah bud --pull-never --network host --layers -q $(build_mounts) ${TARGET:+--target "$TARGET"} \
     -f "$dockerfile" -t "$tag" "$context" >/dev/null
-  [ "$no_archive" = --no-archive ] || archive "$tag"
+  [ "$no_archive" = --no-archive ] && return 0
+  # With every layer cached, buildah gives back the same image: its tar is current, and writing
+  # a multi-gigabyte archive again would cost minutes.
+  local tar; tar=$(tar_path "$tag")
+  if [ -f "$tar" ] && [ "$(cat "$tar.id" 2>/dev/null)" = "$(image_id "$tag")" ]; then
+    log "$tag is unchanged ($tar)"; return 0
+  fi
+  archive "$tag"
+  image_id "$tag" > "$tar.id"
 }
+
+image_id() { buildah images --noheading --no-trunc --format '{{.ID}}' "$1" | head -1; }
 
 import() {
   local tag=$1 tar; tar=$(tar_path "$1")
   [ -f "$tar" ] || { log "no cached tar for $tag: build it first"; exit 1; }
-  local marker; marker="$(dirname "$tar")/.imported-$(basename "$tar")"
-  if "$HERE/cluster.sh" ctr images ls -q | grep -qx "docker.io/$tag" && [ "$marker" -nt "$tar" ]; then
+  # The node's containerd keeps images across cluster-down; import only what it lacks or has older.
+  local imported="$DIR_STATE/imported-$(basename "$tar").id"
+  if "$HERE/cluster.sh" ctr images ls -q | grep -qx "docker.io/$tag" \
+     && [ -f "$imported" ] && cmp -s "$imported" "$tar.id"; then
     log "$tag is already on the node"; return 0
   fi
   "$HERE/cluster.sh" ctr images import "$tar" >/dev/null
-  touch "$marker"
+  mkdir -p "$DIR_STATE" && cp "$tar.id" "$imported" 2>/dev/null || true
   log "imported $tag into the node"
 }
 
