@@ -104,11 +104,13 @@ def test_profile_key_ignores_the_deployment_but_not_the_workload():
 
 
 def test_profiling_job_holds_every_slot_of_the_gpu_and_writes_the_profile():
-    conditions = profile_conditions(spec(profiling={"maxBatchSize": 64}), 81559)
+    profiled = spec(profiling={"maxBatchSize": 64}, resources={"limits": {"memory": "6Gi", "cpu": "2"}})
+    conditions = profile_conditions(profiled, 81559)
     owner = Owner(kind="SLMProfile", name=profile_name(conditions), uid="p-1", namespace="team")
-    job = build_profiling_job(owner, conditions, spec(profiling={"maxBatchSize": 64}), "gpu-node-1", gpu_slots=4)
+    job = build_profiling_job(owner, conditions, profiled, "gpu-node-1", gpu_slots=4)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    # Up to maxReplicas engines run in the Job's one pod: one replica's memory limit would kill them.
+    assert container["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "4"}
     assert container["args"][container["args"].index("--write-profile") + 1] == f"team/{owner.name}"
     assert container["args"][container["args"].index("--max-batch") + 1] == "64"
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "slmpack-profiler"

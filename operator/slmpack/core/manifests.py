@@ -292,7 +292,9 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                         node: str | None, gpu_slots: int, backoff_limit: int = 2) -> dict:
     """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status."""
     volumes, mounts = scratch_volumes(spec)
-    resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
+    # The Job runs up to maxReplicas engines at once, so the per-replica memory limit is not its own.
+    limits = {k: v for k, v in spec.resources.limits.items() if k != "memory"}
+    resources = {"requests": dict(spec.resources.requests), "limits": limits}
     # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
     resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
     labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: profile_owner.name, **MANAGED_BY}
