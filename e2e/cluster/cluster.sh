@@ -15,8 +15,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 DIR=${CLUSTER_DIR:-$ROOT/.cluster}
 BIN=${SLMPACK_CACHE:-$HOME/.cache/slmpack}/k8s-1.20.2/bin
 BRIDGE=slmpack0
-GATEWAY=10.88.0.1
-POD_CIDR=10.88.0.0/16
+GATEWAY=10.244.0.1
+POD_CIDR=10.244.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 APISERVER=https://$GATEWAY:6443
 CHAIN_MARK="slmpack-cluster"
@@ -209,12 +209,13 @@ down() {
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$name"; done
   # Mounts under the state directory (pod volumes, overlay snapshots, network namespaces).
   if [ -d "$DIR" ]; then
-    grep -o " $DIR/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    { grep -o " $DIR/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   fi
   for ns in $(ip netns list 2>/dev/null | awk '/^cni-/ {print $1}'); do ip netns delete "$ns" 2>/dev/null || true; done
   # kube-proxy's chains: every KUBE-* chain in filter and nat, and the jumps to them.
   for table in filter nat mangle; do
-    iptables -t "$table" -S 2>/dev/null | grep -E '^-A (INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING) .*(KUBE-|CNI-)' \
+    { iptables -t "$table" -S 2>/dev/null || true; } \
+      | { grep -E '^-A (INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING) .*(KUBE-|CNI-)' || true; } \
       | sed 's/^-A/-D/' | while read -r rule; do eval "iptables -t $table $rule" 2>/dev/null || true; done
     for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N (KUBE-|CNI-)/ {print $2}'); do
       iptables -t "$table" -F "$chain" 2>/dev/null || true

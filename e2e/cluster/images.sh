@@ -89,7 +89,7 @@ busybox() {
   exists "$tag" || {
     local c; c=$(buildah from scratch)
     buildah copy -q "$c" /bin/busybox /bin/busybox >/dev/null
-    buildah run "$c" -- /bin/busybox --install -s /bin
+    buildah run --network host "$c" -- /bin/busybox --install -s /bin
     buildah config --cmd /bin/sh "$c"
     buildah commit -q --rm "$c" "$tag" >/dev/null
   }

@@ -43,8 +43,14 @@ def cluster(node_kubeconfig, api_client):
         if error.status != 409:
             raise
         created_role = False  # the chart's, on a cluster where slmpack is installed
-    advertise(client.CoreV1Api(api_client), replicas=4)
-    time.sleep(1)  # let the apiserver serve the new CRDs
+    core = client.CoreV1Api(api_client)
+    advertise(core, replicas=4)
+    wait(lambda: core.read_node("localhost").status.allocatable.get("nvidia.com/gpu") == "4", 60,
+         "the fake GPU on the node")
+    wait(lambda: all(c.status.conditions and any(x.type == "Established" and x.status == "True"
+                                                 for x in c.status.conditions)
+                     for c in client.ApiextensionsV1Api(api_client).list_custom_resource_definition(
+                         label_selector="app.kubernetes.io/part-of=slmpack").items), 60, "the CRDs to be served")
     yield api_client
     if created_role:
         rbac.delete_cluster_role(PROFILER_ROLE["metadata"]["name"])

@@ -37,8 +37,9 @@ from slmpack.core.manifests import (
     service_endpoint,
 )
 from slmpack.core.planner import plan
-from slmpack.core.validation import GPUNode, InvalidSpec, choose_node, parse_spec, spec_problems
+from slmpack.core.validation import GPUNode, InvalidSpec, NoMatchingNode, choose_node, parse_spec, spec_problems
 
+NODE_RETRY_SECONDS = 30
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
 
 RECONCILES = Counter("slmpack_operator_reconciles_total", "SLMDeployment reconciles, by outcome.", ["outcome"])
@@ -85,6 +86,7 @@ class Reconciler:
         self.before = lenient_status(body.get("status"))
         self.status = self.before.model_copy(deep=True)
         self.status.observed_generation = self.generation
+        self.waiting_for_node = False
 
     # ---- conditions and events
 
@@ -112,6 +114,7 @@ class Reconciler:
         except InvalidSpec as error:
             self.condition(cond.INVALID_SPEC, True, "InvalidSpec", str(error), warn=True)
             RECONCILES.labels("invalid").inc()
+            self.waiting_for_node = isinstance(error, NoMatchingNode)
             return self.finish()
         self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid and a GPU node matches")
 
@@ -247,8 +250,9 @@ def replica_state(pod) -> cond.ReplicaState:
 
 def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     started = time.monotonic()
+    reconciler = Reconciler(body, kube(), datetime.now(UTC))
     try:
-        status = Reconciler(body, kube(), datetime.now(UTC)).run()
+        status = reconciler.run()
     except Exception:
         ERRORS.inc()
         raise
@@ -256,6 +260,9 @@ def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     for field in SLMDeploymentStatus.model_fields.values():
         patch.status[field.alias] = status.get(field.alias)
     log.debug("reconciled %s in %.3fs", body["metadata"]["name"], time.monotonic() - started)
+    if reconciler.waiting_for_node:
+        # The status says why; try again later, when a matching node may have joined.
+        raise kopf.TemporaryError("no matching GPU node yet", delay=NODE_RETRY_SECONDS)
 
 
 @kopf.on.create(API_GROUP, API_VERSION, "slmdeployments")

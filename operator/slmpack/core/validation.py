@@ -43,6 +43,10 @@ class InvalidSpec(ValueError):
     """The spec cannot be served as written; the message names the field and the fix."""
 
 
+class NoMatchingNode(InvalidSpec):
+    """No node offers what the spec asks for yet: a node may join or be labelled later."""
+
+
 def parse_spec(raw: dict) -> SLMDeploymentSpec:
     """Parse a spec from the API, turning pydantic's errors into one message per field."""
     try:
@@ -105,7 +109,7 @@ def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
         wanted += [f"{k}={v}" for k, v in spec.gpu.node_selector.items()]
         if spec.placement == Placement.device_plugin:
             wanted.append(f"{SHARING_STRATEGY}={spec.sharing.value}")
-        raise InvalidSpec("spec.gpu: no node offers " + ", ".join(wanted) +
+        raise NoMatchingNode("spec.gpu: no node offers " + ", ".join(wanted) +
                           ": fix spec.gpu.product / spec.gpu.nodeSelector / spec.sharing, or add such a node")
     node = max(matching, key=lambda n: (n.sharing_slots, n.name))
     if spec.replicas != "auto" and spec.placement == Placement.device_plugin and spec.replicas > node.sharing_slots:
