@@ -235,8 +235,7 @@ def prometheus_energy_per_token() -> float:
 
 def plot_profile(profile: str) -> Path:
     raw = status("slmp", profile)
-    known = {f.alias or n for n, f in SLMProfileStatus.model_fields.items()}
-    measured = SLMProfileStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    measured = SLMProfileStatus.from_stored(raw)
     OUT.mkdir(exist_ok=True)
     (OUT / "profile.json").write_text(json.dumps(raw, indent=1))
     paths = plot(measured, OUT, title=f"{NAME}: SmolLM2-135M on vLLM CPU")

@@ -34,6 +34,16 @@ def load_config() -> client.ApiClient:
     return client.ApiClient()
 
 
+def absent_as_none(read):
+    """The object `read()` returns, or None when the API answers 404."""
+    try:
+        return read()
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 @dataclass
 class Kube:
     api: client.ApiClient
@@ -53,10 +63,6 @@ class Kube:
     @cached_property
     def batch(self) -> client.BatchV1Api:
         return client.BatchV1Api(self.api)
-
-    @cached_property
-    def apps(self) -> client.AppsV1Api:
-        return client.AppsV1Api(self.api)
 
     def _resource(self, obj: dict):
         return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
@@ -92,25 +98,19 @@ class Kube:
                 for n in self.core.list_node().items
                 if not n.spec.unschedulable]
 
+    def _get_custom(self, namespace: str, plural: str, name: str) -> dict | None:
+        return absent_as_none(lambda: self.custom.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, plural, name))
+
     def get_profile(self, namespace: str, name: str) -> dict | None:
-        try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmprofiles", name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return self._get_custom(namespace, "slmprofiles", name)
 
     def profiles_with_key(self, namespace: str, key: str) -> list[dict]:
         return self.custom.list_namespaced_custom_object(
             API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
 
     def get_deployment(self, namespace: str, name: str) -> dict | None:
-        try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments", name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return self._get_custom(namespace, "slmdeployments", name)
 
     def patch_deployment_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(
@@ -121,20 +121,7 @@ class Kube:
         return [d["metadata"]["name"] for d in items if (d.get("status") or {}).get("profile") == profile]
 
     def get_job(self, namespace: str, name: str) -> client.V1Job | None:
-        try:
-            return self.batch.read_namespaced_job(name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
-    def get_statefulset(self, namespace: str, name: str) -> client.V1StatefulSet | None:
-        try:
-            return self.apps.read_namespaced_stateful_set(name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return absent_as_none(lambda: self.batch.read_namespaced_job(name, namespace))
 
     def pods(self, namespace: str, selector: dict[str, str]) -> list[client.V1Pod]:
         labels = ",".join(f"{k}={v}" for k, v in selector.items())

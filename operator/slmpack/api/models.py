@@ -37,6 +37,13 @@ class Model(BaseModel):
         """The object as the Kubernetes API stores it: camelCase, unset optionals left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+    @classmethod
+    def from_stored(cls, raw: dict | None):
+        """Parse what the API stored, keeping only the fields this version knows (kopf and older
+        or newer versions of slmpack may have written others)."""
+        known = {field.alias or name for name, field in cls.model_fields.items()}
+        return cls.model_validate({k: v for k, v in (raw or {}).items() if k in known})
+
 
 # ---------------------------------------------------------------- shared pieces
 

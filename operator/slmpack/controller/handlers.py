@@ -69,12 +69,6 @@ def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300
 
 
-def lenient_status(raw: dict | None) -> SLMDeploymentStatus:
-    """The stored status, keeping only fields this version knows."""
-    known = {f.alias or n for n, f in SLMDeploymentStatus.model_fields.items()}
-    return SLMDeploymentStatus.model_validate({k: v for k, v in (raw or {}).items() if k in known})
-
-
 class Reconciler:
     """One reconcile of one SLMDeployment; collects conditions and status as it goes."""
 
@@ -83,7 +77,7 @@ class Reconciler:
         self.meta = body["metadata"]
         self.namespace, self.name = self.meta["namespace"], self.meta["name"]
         self.generation = self.meta.get("generation")
-        self.before = lenient_status(body.get("status"))
+        self.before = SLMDeploymentStatus.from_stored(body.get("status"))
         self.status = self.before.model_copy(deep=True)
         self.status.observed_generation = self.generation
         self.waiting_for_node = False
@@ -161,9 +155,7 @@ class Reconciler:
             # Profiles the operator made are shared by their users and collected after the last one.
             user = Owner(kind="SLMDeployment", name=self.name, uid=self.meta["uid"], namespace=self.namespace)
             self.kube.add_profile_user(profile, {**user.reference(), "controller": False})
-        raw_status = profile.get("status") or {}
-        known = {f.alias or n for n, f in SLMProfileStatus.model_fields.items()}
-        measured = SLMProfileStatus.model_validate({k: v for k, v in raw_status.items() if k in known})
+        measured = SLMProfileStatus.from_stored(profile.get("status"))
         if measured.phase == "Ready" and measured.knee is not None:
             newly_ready = not cond.is_true(self.before.conditions, cond.PROFILE_READY)
             if newly_ready and measured.sweep and measured.sweep.duration_s:
