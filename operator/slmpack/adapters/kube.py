@@ -144,3 +144,38 @@ class Kube:
     def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(
             API_GROUP, API_VERSION, namespace, "slmprofiles", name, {"status": status})
+
+    # ---------------------------------------------------------------- DRA (resource.k8s.io)
+
+    def served_versions(self, group: str) -> list[str]:
+        """The `group/version`s the apiserver serves for `group`, from discovery."""
+        groups = client.ApisApi(self.api).get_api_versions().groups or []
+        return [v.group_version for g in groups if g.name == group for v in g.versions]
+
+    def resource_slices(self, api_version: str, driver: str) -> list[dict]:
+        """The driver's ResourceSlices on every node."""
+        group, version = api_version.split("/")
+        return self.custom.list_cluster_custom_object(
+            group, version, "resourceslices", field_selector=f"spec.driver={driver}")["items"]
+
+    def resource_claims(self, api_version: str, namespace: str, selector: dict[str, str]) -> list[dict]:
+        group, version = api_version.split("/")
+        labels = ",".join(f"{k}={v}" for k, v in selector.items())
+        return self.custom.list_namespaced_custom_object(
+            group, version, namespace, "resourceclaims", label_selector=labels)["items"]
+
+    def delete_unused_claim(self, claim: dict) -> bool:
+        """Delete a claim as it was read; True when deleted. The preconditions make the delete fail (409) if
+        the claim changed since, e.g. the scheduler reserved it for a pod: the next reconcile looks again."""
+        group, version = claim["apiVersion"].split("/")
+        meta = claim["metadata"]
+        try:
+            self.custom.delete_namespaced_custom_object(
+                group, version, meta["namespace"], "resourceclaims", meta["name"],
+                body={"preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}})
+            return True
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+

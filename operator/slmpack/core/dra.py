@@ -1,0 +1,401 @@
+"""DRA placement with NVIDIA's DRA driver for GPUs (pure).
+
+- One ResourceClaim per pack, named by every replica pod, so all replicas get the same
+  physical GPU; the driver sets up MPS or time-slicing for it from the claim's GpuConfig.
+- A claim's spec is immutable, so a claim is named by a hash of its config: a new plan
+  gets a new claim, the StatefulSet rolls its pods over to it, and the old claim is
+  deleted once no pod uses it.
+- The profiling Job gets its GPU through its own ResourceClaimTemplate, with the same
+  sharing strategy the pack will get.
+- Objects are written in the newest `resource.k8s.io` version the cluster serves.
+- Device selectors are CEL, evaluated here with cel-python against devices shaped as the
+  scheduler gives them (attributes and capacity keyed by domain, capacity as quantities,
+  versions as semvers), so the operator can find matching GPUs in the ResourceSlices and
+  reject a selector that does not compile before it reaches a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cache, total_ordering
+
+import celpy
+from celpy import celtypes
+from packaging.version import InvalidVersion, Version
+
+from slmpack.api.models import Plan, Sharing, SLMDeploymentSpec
+from slmpack.core.manifests import Owner, dns_name, engine_labels
+
+GROUP = "resource.k8s.io"
+# Newest first: v1 is GA from Kubernetes 1.34, v1beta2 came with 1.33, v1beta1 with 1.32.
+VERSIONS = ("v1", "v1beta2", "v1beta1")
+DRIVER = "gpu.nvidia.com"
+DEVICE_CLASS = "gpu.nvidia.com"
+GPU_CONFIG_API = "resource.nvidia.com/v1beta1"
+REQUEST = "gpu"
+# The driver's own DeviceClass selector for full GPUs; MIG devices have type "mig".
+DEVICE_CLASS_SELECTOR = f"device.driver == '{DRIVER}' && device.attributes['{DRIVER}'].type == 'gpu'"
+MIB = 1024 * 1024
+
+
+class InvalidSelector(ValueError):
+    """A CEL device selector that does not compile or does not yield a bool."""
+
+
+# ---------------------------------------------------------------- API versions
+
+
+def newest_served(api_versions: Iterable[str]) -> str | None:
+    """The newest resource.k8s.io version among the served `group/version` strings, e.g. resource.k8s.io/v1."""
+    served = set(api_versions)
+    return next((f"{GROUP}/{v}" for v in VERSIONS if f"{GROUP}/{v}" in served), None)
+
+
+# ---------------------------------------------------------------- quantities and versions in CEL
+
+
+QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+SUFFIXES = {None: 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+            "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+@total_ordering
+class Quantity(celtypes.StringType):
+    """A Kubernetes quantity as the scheduler's CEL sees it: comparable, not a plain string."""
+
+    def __new__(cls, text: str):
+        match = QUANTITY.match(str(text).strip())
+        if not match:
+            raise ValueError(f"{text!r} is not a Kubernetes quantity")
+        self = super().__new__(cls, str(text).strip())
+        number, suffix = match.groups()
+        scale = Decimal(10) ** int(suffix[1:]) if suffix and suffix[0] in "eE" else Decimal(SUFFIXES[suffix])
+        self.amount = Decimal(number) * scale
+        return self
+
+    def __eq__(self, other):
+        return isinstance(other, Quantity) and self.amount == other.amount
+
+    def __lt__(self, other):
+        return self.amount < other.amount
+
+    def __hash__(self):
+        return hash(self.amount)
+
+
+@total_ordering
+class Semver(celtypes.StringType):
+    """A version attribute as the scheduler's CEL sees it (semver, comparable)."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, str(text))
+        try:
+            self.version = Version(str(text))
+        except InvalidVersion as error:
+            raise ValueError(f"{text!r} is not a semantic version") from error
+        return self
+
+    def __eq__(self, other):
+        return isinstance(other, Semver) and self.version == other.version
+
+    def __lt__(self, other):
+        return self.version < other.version
+
+    def __hash__(self):
+        return hash(self.version)
+
+
+def _compare(a, b) -> celtypes.IntType:
+    if type(a) is not type(b) or not isinstance(a, Quantity | Semver):
+        raise TypeError(f"compareTo needs two quantities or two semvers, got {type(a).__name__}, {type(b).__name__}")
+    return celtypes.IntType(0 if a == b else (-1 if a < b else 1))
+
+
+# The subset of the Kubernetes CEL libraries (quantity, semver, strings) a device selector may use.
+KUBERNETES_FUNCTIONS = {
+    "quantity": Quantity,
+    "semver": Semver,
+    "compareTo": _compare,
+    "isGreaterThan": lambda a, b: celtypes.BoolType(_compare(a, b) > 0),
+    "isLessThan": lambda a, b: celtypes.BoolType(_compare(a, b) < 0),
+    "asInteger": lambda q: celtypes.IntType(int(q.amount)),
+    "lowerAscii": lambda s: celtypes.StringType(s.lower()),
+    "upperAscii": lambda s: celtypes.StringType(s.upper()),
+}
+
+
+@cache
+def compile_selector(expression: str):
+    """A runnable CEL program, or InvalidSelector naming what is wrong."""
+    environment = celpy.Environment()
+    try:
+        return environment.program(environment.compile(expression), functions=KUBERNETES_FUNCTIONS)
+    except celpy.CELParseError as error:
+        raise InvalidSelector(f"CEL selector {expression!r} does not compile: {error.args[0]}") from None
+
+
+# ---------------------------------------------------------------- devices from ResourceSlices
+
+
+@dataclass(frozen=True)
+class DraDevice:
+    """One device of a ResourceSlice, as the scheduler shows it to a CEL selector."""
+
+    node: str | None
+    pool: str
+    name: str
+    driver: str
+    attributes: dict[str, dict[str, object]] = field(default_factory=dict)  # domain -> name -> value
+    capacity: dict[str, dict[str, Quantity]] = field(default_factory=dict)  # domain -> name -> quantity
+
+    def attribute(self, name: str):
+        return self.attributes.get(self.driver, {}).get(name)
+
+    @property
+    def memory_mib(self) -> int | None:
+        memory = self.capacity.get(self.driver, {}).get("memory")
+        return int(memory.amount // MIB) if memory is not None else None
+
+    def cel(self) -> celtypes.MapType:
+        def domains(values: dict[str, dict[str, object]]) -> celtypes.MapType:
+            return celtypes.MapType({celtypes.StringType(d): celtypes.MapType(
+                {celtypes.StringType(k): _cel_value(v) for k, v in names.items()}) for d, names in values.items()})
+        return celtypes.MapType({celtypes.StringType("driver"): celtypes.StringType(self.driver),
+                                 celtypes.StringType("attributes"): domains(self.attributes),
+                                 celtypes.StringType("capacity"): domains(self.capacity)})
+
+
+def _cel_value(value):
+    if isinstance(value, Quantity | Semver):
+        return value
+    if isinstance(value, bool):
+        return celtypes.BoolType(value)
+    if isinstance(value, int):
+        return celtypes.IntType(value)
+    if isinstance(value, list):
+        return celtypes.ListType([_cel_value(v) for v in value])
+    return celtypes.StringType(value)
+
+
+def _split_name(qualified: str, driver: str) -> tuple[str, str]:
+    """`domain/name` or a bare name, which belongs to the driver's domain."""
+    domain, _, name = qualified.rpartition("/")
+    return (domain or driver), name
+
+
+def _attribute_value(wire: dict):
+    for key, convert in (("string", str), ("int", int), ("bool", bool), ("version", Semver),
+                         ("strings", list), ("ints", list), ("bools", list), ("versions", list)):
+        if key in wire:
+            return convert(wire[key])
+    return None
+
+
+def devices_from_slices(slices: Iterable[dict]) -> list[DraDevice]:
+    """Every device the slices publish; v1 and v1beta2 devices are flat, v1beta1 ones sit under `basic`."""
+    devices = []
+    for slice_ in slices:
+        spec = slice_.get("spec") or {}
+        driver = spec.get("driver", "")
+        for wire in spec.get("devices") or []:
+            body = wire.get("basic", wire)
+            attributes: dict[str, dict[str, object]] = {}
+            for qualified, value in (body.get("attributes") or {}).items():
+                domain, name = _split_name(qualified, driver)
+                attributes.setdefault(domain, {})[name] = _attribute_value(value)
+            capacity: dict[str, dict[str, Quantity]] = {}
+            for qualified, value in (body.get("capacity") or {}).items():
+                domain, name = _split_name(qualified, driver)
+                # v1beta1 of Kubernetes 1.32 wrote a bare quantity; later versions wrap it in {value}.
+                capacity.setdefault(domain, {})[name] = Quantity(value["value"] if isinstance(value, dict) else value)
+            devices.append(DraDevice(node=spec.get("nodeName"), pool=(spec.get("pool") or {}).get("name", ""),
+                                     name=wire["name"], driver=driver, attributes=attributes, capacity=capacity))
+    return devices
+
+
+def selects(expression: str, device: DraDevice) -> bool:
+    """Whether the selector matches the device; a runtime error means no match, as for the scheduler."""
+    try:
+        result = compile_selector(expression).evaluate({"device": device.cel()})
+    except celpy.CELEvalError:
+        return False
+    return isinstance(result, celtypes.BoolType) and bool(result)
+
+
+def matching_devices(selectors: Iterable[str], devices: Iterable[DraDevice]) -> list[DraDevice]:
+    """The devices the driver's DeviceClass and every selector accept."""
+    expressions = [DEVICE_CLASS_SELECTOR, *selectors]
+    return [d for d in devices if all(selects(e, d) for e in expressions)]
+
+
+# A full GPU as the driver publishes it (cmd/gpu-kubelet-plugin/deviceinfo.go), to try selectors on.
+SAMPLE_GPU = DraDevice(
+    node="node", pool="node", name="gpu-0", driver=DRIVER,
+    attributes={DRIVER: {"type": "gpu", "uuid": "GPU-00000000-0000-0000-0000-000000000000",
+                         "productName": "NVIDIA H100 80GB HBM3", "brand": "Nvidia", "architecture": "Hopper",
+                         "cudaComputeCapability": Semver("9.0.0"), "driverVersion": Semver("570.133.20"),
+                         "cudaDriverVersion": Semver("12.8.0")},
+                "resource.kubernetes.io": {"pciBusID": "0000:3b:00.0", "pcieRoot": "pci0000:3a"}},
+    capacity={DRIVER: {"memory": Quantity("81559Mi")}},
+)
+
+
+def check_selector(expression: str) -> None:
+    """Raise InvalidSelector unless the expression compiles and yields a bool on a full GPU."""
+    program = compile_selector(expression)
+    try:
+        result = program.evaluate({"device": SAMPLE_GPU.cel()})
+    except celpy.CELEvalError as error:
+        raise InvalidSelector(f"CEL selector {expression!r} fails on a GPU of the NVIDIA driver: "
+                              f"{error.args[0]}") from None
+    if not isinstance(result, celtypes.BoolType):
+        raise InvalidSelector(f"CEL selector {expression!r} yields {type(result).__name__}, not a bool")
+
+
+# ---------------------------------------------------------------- selectors and sharing
+
+
+def _cel_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def product_selector(product: str) -> str:
+    """Match the driver's productName (NVML's name, `NVIDIA H100 80GB HBM3`) from the name as GPU feature
+    discovery labels it (`NVIDIA-H100-80GB-HBM3`): GFD turned each space into a dash, so each dash
+    matches either."""
+    pattern = "^" + "[ -]".join(re.escape(part) for part in product.split("-")) + "$"
+    return f"device.attributes[{_cel_string(DRIVER)}].productName.matches({_cel_string(pattern)})"
+
+
+def memory_selector(min_memory_mib: int) -> str:
+    return f"device.capacity[{_cel_string(DRIVER)}].memory.compareTo(quantity('{min_memory_mib}Mi')) >= 0"
+
+
+def device_selectors(spec: SLMDeploymentSpec, min_memory_mib: int | None = None) -> list[str]:
+    """The CEL selectors of a claim: a full GPU (never a MIG device), of the product asked for, with memory for
+    the plan."""
+    selectors = [f"device.attributes[{_cel_string(DRIVER)}].type == 'gpu'"]
+    if spec.gpu.product:
+        selectors.append(product_selector(spec.gpu.product))
+    if min_memory_mib:
+        selectors.append(memory_selector(min_memory_mib))
+    return selectors
+
+
+def plan_memory_mib(plan: Plan) -> int | None:
+    """What the plan's replicas need of the GPU together."""
+    return plan.memory_per_replica_mib * plan.replicas if plan.memory_per_replica_mib else None
+
+
+def gpu_config(sharing: Sharing, plan: Plan | None) -> dict:
+    """The driver's GpuConfig; MPS limits come from the plan (without one, as for profiling, none are set)."""
+    if sharing == Sharing.mps:
+        mps = {}
+        if plan is not None and plan.mps_active_thread_percentage is not None:
+            mps["defaultActiveThreadPercentage"] = plan.mps_active_thread_percentage
+        if plan is not None and plan.mps_pinned_memory_limit_mib:
+            mps["defaultPinnedDeviceMemoryLimit"] = f"{plan.mps_pinned_memory_limit_mib}Mi"
+        shared = {"strategy": "MPS", "mpsConfig": mps}
+    else:
+        shared = {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Default"}}
+    return {"apiVersion": GPU_CONFIG_API, "kind": "GpuConfig", "sharing": shared}
+
+
+# ---------------------------------------------------------------- claims
+
+
+def claim_spec(api_version: str, selectors: list[str], config: dict) -> dict:
+    """A ResourceClaimSpec for one GPU in the wire format of `api_version`."""
+    request = {"deviceClassName": DEVICE_CLASS, "allocationMode": "ExactCount", "count": 1,
+               "selectors": [{"cel": {"expression": e}} for e in selectors]}
+    if api_version.endswith("/v1beta1"):
+        request = {"name": REQUEST, **request}
+    else:
+        # v1beta2 and v1 moved the single-device request under `exactly`.
+        request = {"name": REQUEST, "exactly": request}
+    return {"devices": {"requests": [request],
+                        "config": [{"requests": [REQUEST], "opaque": {"driver": DRIVER, "parameters": config}}]}}
+
+
+def config_hash(selectors: list[str], config: dict) -> str:
+    """A short hash of what a claim asks for, the same in every API version."""
+    identity = json.dumps({"selectors": selectors, "config": config}, sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]
+
+
+def resource_claim_name(deployment: str, selectors: list[str], config: dict) -> str:
+    return dns_name(deployment, limit=50) + "-gpu-" + config_hash(selectors, config)
+
+
+@dataclass(frozen=True)
+class PackClaim:
+    """The claim a plan needs, before it is written in an API version."""
+
+    name: str
+    selectors: list[str]
+    config: dict
+
+
+def pack_claim(deployment: str, spec: SLMDeploymentSpec, plan: Plan) -> PackClaim:
+    selectors = device_selectors(spec, plan_memory_mib(plan))
+    config = gpu_config(spec.sharing, plan)
+    return PackClaim(resource_claim_name(deployment, selectors, config), selectors, config)
+
+
+def build_resource_claim(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, api_version: str) -> dict:
+    """One claim per pack, shared by all its pods, with the NVIDIA driver's sharing settings from the plan."""
+    claim = pack_claim(owner.name, spec, plan)
+    return {
+        "apiVersion": api_version,
+        "kind": "ResourceClaim",
+        "metadata": {"name": claim.name, "namespace": owner.namespace, "labels": engine_labels(owner.name),
+                     "ownerReferences": [owner.reference()]},
+        "spec": claim_spec(api_version, claim.selectors, claim.config),
+    }
+
+
+def profiling_claim_template_name(profile: str) -> str:
+    return dns_name("profile", profile, limit=59) + "-gpu"
+
+
+def build_profiling_claim_template(profile_owner: Owner, spec: SLMDeploymentSpec, api_version: str,
+                                   labels: dict[str, str]) -> dict:
+    """A template that gives the profiling pod a whole GPU of the product asked for, shared by the same strategy
+    as the pack (the limits, which depend on the replica count, are left to the engines)."""
+    return {
+        "apiVersion": api_version,
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": profiling_claim_template_name(profile_owner.name), "namespace": profile_owner.namespace,
+                     "labels": labels, "ownerReferences": [profile_owner.reference()]},
+        "spec": {"metadata": {"labels": labels},
+                 "spec": claim_spec(api_version, device_selectors(spec), gpu_config(spec.sharing, None))},
+    }
+
+
+# ---------------------------------------------------------------- old claims
+
+
+def claims_in_use(pods: Iterable[dict]) -> set[str]:
+    """Names of the claims that live pods reference."""
+    used = set()
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        for ref in (pod.get("spec") or {}).get("resourceClaims") or []:
+            if ref.get("resourceClaimName"):
+                used.add(ref["resourceClaimName"])
+    return used
+
+
+def claims_to_delete(claims: Iterable[dict], pods: Iterable[dict], current: str) -> list[str]:
+    """The pack's earlier claims that no pod uses any more: not the current one, named by no live pod, and
+    reserved for no consumer (the scheduler's record of who holds the device)."""
+    used = claims_in_use(pods) | {current}
+    return sorted(c["metadata"]["name"] for c in claims
+                  if c["metadata"]["name"] not in used and not (c.get("status") or {}).get("reservedFor"))
