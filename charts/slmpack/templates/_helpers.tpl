@@ -83,5 +83,8 @@ capabilities:
   verbs: [get, create, patch]
 - apiGroups: [resource.k8s.io]
   resources: [resourceclaims]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [resource.k8s.io]
+  resources: [resourceclaimtemplates]
   verbs: [get, create, patch]
 {{- end -}}
