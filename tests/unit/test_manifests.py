@@ -20,8 +20,12 @@ from slmpack.core.manifests import (
     profile_conditions,
     profile_name,
 )
+from slmpack.core.validation import GPUNode
 
 OWNER = Owner(kind="SLMDeployment", name="chat", uid="u-1", namespace="team")
+NODE = GPUNode("gpu-node-1", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED",
+                              "nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "mps",
+                              "nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1"}, {"nvidia.com/gpu": 4})
 PLAN = Plan(knee_batch_size=64, replicas=3, max_num_seqs=64, gpu_memory_utilization=0.3,
             memory_per_replica_mib=24467, mps_active_thread_percentage=34, mps_pinned_memory_limit_mib=24467)
 
@@ -36,12 +40,19 @@ def engine(statefulset):
 
 
 def test_statefulset_packs_replicas_on_one_node_and_starts_them_in_order():
-    sts = build_statefulset(OWNER, spec(), PLAN, node="gpu-node-1")
+    sts = build_statefulset(OWNER, spec(), PLAN, node=NODE)
     pod = sts["spec"]["template"]["spec"]
     assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                                   "kubernetes.io/hostname": "gpu-node-1"}
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-1"}
+    # GFD labels a shared GPU's product X-SHARED: the affinity matches both forms, and the sharing it was sized for.
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [
+            {"key": "nvidia.com/gpu.product", "operator": "In",
+             "values": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-80GB-HBM3-SHARED"]},
+            {"key": "nvidia.com/gpu.sharing-strategy", "operator": "In", "values": ["mps"]},
+            {"key": "nvidia.com/gpu.replicas", "operator": "In", "values": ["4"]},
+            {"key": "nvidia.com/gpu.memory", "operator": "In", "values": ["81559"]}]}]
     args = engine(sts)["args"]
     assert args[args.index("--max-num-seqs") + 1] == "64"
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.3"
@@ -107,7 +118,7 @@ def test_profiling_job_holds_every_slot_of_the_gpu_and_writes_the_profile():
     profiled = spec(profiling={"maxBatchSize": 64}, resources={"limits": {"memory": "6Gi", "cpu": "2"}})
     conditions = profile_conditions(profiled, 81559)
     owner = Owner(kind="SLMProfile", name=profile_name(conditions), uid="p-1", namespace="team")
-    job = build_profiling_job(owner, conditions, profiled, "gpu-node-1", gpu_slots=4)
+    job = build_profiling_job(owner, conditions, profiled, NODE)
     container = job["spec"]["template"]["spec"]["containers"][0]
     # Up to maxReplicas engines run in the Job's one pod: one replica's memory limit would kill them.
     assert container["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "4"}

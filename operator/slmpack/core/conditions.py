@@ -65,6 +65,8 @@ class ReplicaState:
     waiting_reason: str | None = None  # e.g. CrashLoopBackOff, ImagePullBackOff
     last_termination_reason: str | None = None  # e.g. OOMKilled, Error
     restarts: int = 0
+    node: str | None = None  # the node it was scheduled to
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, from slmpack.GPU_UUIDS_ANNOTATION
 
 
 FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",

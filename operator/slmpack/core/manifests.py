@@ -22,6 +22,7 @@ from slmpack.api.models import (
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
+from slmpack.core.validation import MEMORY, PRODUCT, REPLICAS, SHARING_STRATEGY, GPUNode, product_labels
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
@@ -115,14 +116,37 @@ def base_env(spec: SLMDeploymentSpec) -> list[dict]:
     return env + [e.to_wire() for e in spec.engine.env]
 
 
-def node_selector(spec: SLMDeploymentSpec, node: str | None) -> dict[str, str]:
+def node_selector(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict[str, str]:
     selector = dict(spec.gpu.node_selector)
-    if spec.gpu.product:
-        selector["nvidia.com/gpu.product"] = spec.gpu.product
     if node:
         # All pods of a pack share one GPU, so they must land on one node.
-        selector["kubernetes.io/hostname"] = node
+        selector["kubernetes.io/hostname"] = node.name
     return selector
+
+
+def node_affinity(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict | None:
+    """The GPU labels a pod's node must carry, as a required node affinity.
+
+    The product matches `X` and `X-SHARED` (GFD's label on a shared GPU), which a nodeSelector
+    cannot say. On the device plugin the plan is sized for the chosen node's sharing strategy,
+    slots per GPU (MPS caps each client at 1/R) and memory, so those must stay what they were.
+    """
+    expressions = []
+    if spec.gpu.product:
+        expressions.append({"key": PRODUCT, "operator": "In", "values": product_labels(spec.gpu.product)})
+    if node is not None and spec.placement == Placement.device_plugin and spec.engine.device == Device.gpu:
+        expressions += [{"key": key, "operator": "In", "values": [node.labels[key]]}
+                        for key in (SHARING_STRATEGY, REPLICAS, MEMORY) if key in node.labels]
+    if not expressions:
+        return None
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
+
+
+def placement(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict:
+    """The pod spec's nodeSelector and affinity."""
+    affinity = node_affinity(spec, node)
+    return {"nodeSelector": node_selector(spec, node), **({"affinity": affinity} if affinity else {})}
 
 
 def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[str]:
@@ -150,7 +174,7 @@ def mps_env(plan: Plan) -> list[dict]:
 # ---------------------------------------------------------------- SLMDeployment children
 
 
-def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: str | None) -> dict:
+def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUNode | None) -> dict:
     """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right."""
     volumes, mounts = scratch_volumes(spec)
     resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
@@ -158,7 +182,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: s
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "nodeSelector": node_selector(spec, node),
+        **placement(spec, node),
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }
@@ -289,13 +313,14 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
 
 
 def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spec: SLMDeploymentSpec,
-                        node: str | None, gpu_slots: int, backoff_limit: int = 2) -> dict:
+                        node: GPUNode | None, backoff_limit: int = 2) -> dict:
     """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status."""
     volumes, mounts = scratch_volumes(spec)
     # The Job runs up to maxReplicas engines at once, so the per-replica memory limit is not its own.
     limits = {k: v for k, v in spec.resources.limits.items() if k != "memory"}
     resources = {"requests": dict(spec.resources.requests), "limits": limits}
     # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
+    gpu_slots = node.sharing_slots if node and spec.placement == Placement.device_plugin else 1
     resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
     labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: profile_owner.name, **MANAGED_BY}
     return {
@@ -311,7 +336,7 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                     "restartPolicy": "Never",
                     "serviceAccountName": PROFILER_SERVICE_ACCOUNT,
                     "securityContext": pod_security_context(),
-                    "nodeSelector": node_selector(spec, node),
+                    **placement(spec, node),
                     "volumes": volumes,
                     "containers": [{
                         "name": "profiler",

@@ -16,6 +16,16 @@ PRODUCT = "nvidia.com/gpu.product"
 MEMORY = "nvidia.com/gpu.memory"
 REPLICAS = "nvidia.com/gpu.replicas"
 SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
+COUNT = "nvidia.com/gpu.count"
+SHARED_SUFFIX = "-SHARED"
+
+
+def product_labels(product: str) -> list[str]:
+    """The values GFD may give `nvidia.com/gpu.product` for this product: as is, and with `-SHARED`,
+    which it appends when the device plugin shares the GPU (replicas > 1) without renaming the
+    resource (NVIDIA/k8s-device-plugin internal/lm/resource.go, productLabel)."""
+    base = product.removesuffix(SHARED_SUFFIX)
+    return [base, base + SHARED_SUFFIX]
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def spec_problems(spec: SLMDeploymentSpec) -> list[str]:
 
 
 def node_matches(spec: SLMDeploymentSpec, node: GPUNode) -> bool:
-    if spec.gpu.product and node.labels.get(PRODUCT) != spec.gpu.product:
+    if spec.gpu.product and node.labels.get(PRODUCT) not in product_labels(spec.gpu.product):
         return False
     if any(node.labels.get(k) != v for k, v in spec.gpu.node_selector.items()):
         return False
@@ -105,7 +115,7 @@ def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
     if not matching:
         wanted = [f"{spec.gpu.resource_name} allocatable" if spec.placement == Placement.device_plugin else "a GPU"]
         if spec.gpu.product:
-            wanted.append(f"{PRODUCT}={spec.gpu.product}")
+            wanted.append(f"{PRODUCT} in ({', '.join(product_labels(spec.gpu.product))})")
         wanted += [f"{k}={v}" for k, v in spec.gpu.node_selector.items()]
         if spec.placement == Placement.device_plugin:
             wanted.append(f"{SHARING_STRATEGY}={spec.sharing.value}")
