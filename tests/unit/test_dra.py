@@ -5,6 +5,7 @@ Selectors run through cel-python against ResourceSlices in the driver's exact fo
 resource.k8s.io version (kubernetes-validate).
 """
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes_validate
@@ -12,20 +13,28 @@ import pytest
 import yaml
 
 from slmpack.api.models import Plan, SLMDeploymentSpec
+from slmpack.cli import main
+from slmpack.controller.render import profile_as_stored
+from slmpack.core.conditions import ReplicaState
+from slmpack.core.decide import ClusterSnapshot, decide, with_status
 from slmpack.core.dra import (
     InvalidSelector,
     build_profiling_claim_template,
     build_resource_claim,
     check_selector,
-    claims_to_delete,
     devices_from_slices,
     matching_devices,
     newest_served,
     selects,
 )
-from slmpack.core.manifests import Owner
+from slmpack.core.manifests import Owner, build_statefulset
 
-SLICES = Path(__file__).parent.parent / "data" / "dra"
+ROOT = Path(__file__).resolve().parents[2]
+SLICES = ROOT / "tests" / "data" / "dra"
+PROFILE_FILE = ROOT / "tests" / "data" / "profiles" / "smollm2-360m-h100.yaml"
+EXAMPLE = ROOT / "examples" / "slmdeployment-dra.yaml"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+ALL_VERSIONS = ("resource.k8s.io/v1", "resource.k8s.io/v1beta2", "resource.k8s.io/v1beta1")
 OWNER = Owner(kind="SLMDeployment", name="chat", uid="u-1", namespace="team")
 PROFILE = Owner(kind="SLMProfile", name="smollm2-abc", uid="p-1", namespace="team")
 PLAN = Plan(knee_batch_size=64, replicas=3, max_num_seqs=64, gpu_memory_utilization=0.3,
@@ -215,22 +224,196 @@ def test_a_claim_is_named_by_its_config_not_by_the_api_version():
     assert len(build_resource_claim(long, spec(), PLAN, "resource.k8s.io/v1")["metadata"]["name"]) <= 63
 
 
-def claim(name: str, reserved: bool = False) -> dict:
-    return {"metadata": {"name": name}, "status": {"reservedFor": [{"resource": "pods", "name": "p"}]} if reserved
-            else {}}
+def test_pack_pods_name_the_claim_and_ask_for_no_device_plugin_resource_or_gfd_label():
+    deployment = spec(gpu={"product": "NVIDIA-H100-80GB-HBM3"})
+    claim = build_resource_claim(OWNER, deployment, PLAN, "resource.k8s.io/v1")
+    pod = build_statefulset(OWNER, deployment, PLAN, None, claim["metadata"]["name"])["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": "gpu", "resourceClaimName": claim["metadata"]["name"]}]
+    (engine,) = pod["containers"]
+    assert engine["resources"]["claims"] == [{"name": "gpu"}]
+    assert "nvidia.com/gpu" not in engine["resources"]["limits"]
+    assert "affinity" not in pod and "kubernetes.io/hostname" not in pod["nodeSelector"]
 
 
-def pod(name: str, claim_name: str, phase: str = "Running") -> dict:
-    return {"metadata": {"name": name}, "spec": {"resourceClaims": [{"name": "gpu", "resourceClaimName": claim_name}]},
-            "status": {"phase": phase}}
+# ---------------------------------------------------------------- the operator's decision on DRA clusters
 
 
-def test_an_old_claim_goes_only_when_no_pod_uses_it():
-    claims = [claim("chat-gpu-new"), claim("chat-gpu-old")]
-    assert claims_to_delete(claims, [pod("chat-0", "chat-gpu-new"), pod("chat-1", "chat-gpu-old")],
-                            "chat-gpu-new") == []
-    assert claims_to_delete([claim("chat-gpu-new"), claim("chat-gpu-old", reserved=True)],
-                            [pod("chat-0", "chat-gpu-new")], "chat-gpu-new") == []
-    assert claims_to_delete(claims, [pod("chat-0", "chat-gpu-new"), pod("chat-1", "chat-gpu-old", "Failed")],
-                            "chat-gpu-new") == ["chat-gpu-old"]
-    assert claims_to_delete(claims, [], "chat-gpu-new") == ["chat-gpu-old"]
+def stored_deployment(**overrides) -> dict:
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"].update(namespace="team", uid="d-1", generation=1)
+    body["spec"].update(overrides)
+    return body
+
+
+def stored_profile() -> dict:
+    """The measured profile as the API holds it, with the key label deployments find it by."""
+    profile = profile_as_stored(yaml.safe_load(PROFILE_FILE.read_text()), "team")
+    profile["metadata"]["uid"] = "p-1"
+    return profile
+
+
+def cluster(versions=ALL_VERSIONS, slice_files=("h100-node.yaml",), **more) -> ClusterSnapshot:
+    slices_ = tuple(yaml.safe_load((SLICES / f).read_text()) for f in slice_files)
+    return ClusterSnapshot(resource_api_versions=tuple(versions), resource_slices=slices_, **more)
+
+
+def condition(decision, type_):
+    return next(c for c in decision.status.conditions if c.type == type_)
+
+
+@pytest.mark.parametrize(("versions", "slice_files", "reason", "says"), [
+    ((), ("h100-node.yaml",), "DRANotServed", "serves no resource.k8s.io version"),
+    (("resource.k8s.io/v1alpha3",), (), "DRANotServed", "Kubernetes 1.32 or later"),
+    (ALL_VERSIONS, (), "NoDRADriver", "no ResourceSlice of driver gpu.nvidia.com"),
+])
+def test_a_cluster_without_dra_or_without_the_driver_is_named_in_the_placed_condition(versions, slice_files,
+                                                                                      reason, says):
+    decision = decide(stored_deployment(), cluster(versions, slice_files), NOW)
+    placed = condition(decision, "Placed")
+    assert (placed.status, placed.reason) == ("False", reason) and says in placed.message
+    assert condition(decision, "InvalidSpec").status == "False"
+    assert decision.status.phase.value == "Pending" and decision.create == decision.apply == []
+    assert decision.retry_after_seconds == 30 and decision.events[-1].warning
+
+
+def test_a_product_no_driver_publishes_is_refused_with_what_is_published():
+    decision = decide(stored_deployment(gpu={"product": "NVIDIA-H200"}),
+                      cluster(slice_files=("h100-node.yaml", "a100-node.yaml")), NOW)
+    refused = condition(decision, "InvalidSpec")
+    assert refused.status == "True" and refused.message.startswith("spec.gpu.product")
+    assert "NVIDIA A100-SXM4-40GB, NVIDIA H100 80GB HBM3" in refused.message
+
+
+def test_profiling_on_dra_gets_a_gpu_through_its_own_claim_template():
+    first = decide(stored_deployment(), cluster(versions=["resource.k8s.io/v1beta2"]), NOW)
+    (profile,) = first.create
+    assert profile["spec"]["conditions"]["gpuMemoryMib"] == 81559  # from the ResourceSlice's capacity
+    profile["metadata"]["uid"] = "p-1"
+    second = decide(with_status(stored_deployment(), first.status),
+                    cluster(versions=["resource.k8s.io/v1beta2"], profiles=(profile,)), NOW)
+    template, job = second.create[-2:]
+    assert template["kind"] == "ResourceClaimTemplate" and template["apiVersion"] == "resource.k8s.io/v1beta2"
+    kubernetes_validate.validate(template, "1.33", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": "gpu", "resourceClaimTemplateName": template["metadata"]["name"]}]
+    (container,) = pod["containers"]
+    assert container["resources"]["claims"] == [{"name": "gpu"}]
+    assert not any(k.startswith("nvidia.com/") for k in container["resources"]["limits"])
+    assert gpu_config(template)["sharing"]["strategy"] == "MPS"
+    assert template["metadata"]["ownerReferences"][0]["uid"] == "p-1"
+
+
+def test_replicas_on_dra_come_from_the_measurement_and_the_memory_model():
+    decision = decide(stored_deployment(), cluster(profiles=(stored_profile(),)), NOW)
+    # The measurement's best within the SLO is 4; no device-plugin slot label caps it.
+    assert decision.status.plan.replicas == 4
+    (claim_,) = decision.create
+    assert gpu_config(claim_)["sharing"]["mpsConfig"] == {"defaultActiveThreadPercentage": 25,
+                                                          "defaultPinnedDeviceMemoryLimit": "18350Mi"}
+    assert "ResourceClaim " + claim_["metadata"]["name"] in condition(decision, "Placed").message
+
+
+# ---------------------------------------------------------------- plan changes over recorded API states
+
+
+def as_stored(claim_: dict, reserved_for: list[str]) -> dict:
+    """A claim as the API returns it once the scheduler allocated it and reserved it for pods."""
+    return {**claim_, "metadata": {**claim_["metadata"], "uid": "c-" + claim_["metadata"]["name"][-8:],
+                                   "resourceVersion": "7"},
+            "status": {"allocation": {"devices": {"results": [
+                {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "h100-node", "device": "gpu-0"}]}},
+                "reservedFor": [{"resource": "pods", "name": p, "uid": "u-" + p} for p in reserved_for]}}
+
+
+def pods(*claims: str) -> tuple[ReplicaState, ...]:
+    return tuple(ReplicaState(name=f"smollm2-dra-{i}", ready=True, claims=(c,)) for i, c in enumerate(claims))
+
+
+def test_a_new_plan_gets_a_new_claim_the_pods_roll_over_and_the_old_claim_goes_when_unused():
+    profile = (stored_profile(),)
+    body = stored_deployment()
+    # 1. The first plan: 4 replicas on claim A.
+    first = decide(body, cluster(profiles=profile), NOW)
+    (a,) = first.create
+    sts = next(o for o in first.apply if o["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["resourceClaims"][0]["resourceClaimName"] == a["metadata"]["name"]
+    body = with_status(body, first.status)
+    running = pods(*[a["metadata"]["name"]] * 4)
+    stored_a = as_stored(a, [p.name for p in running])
+    steady = decide(body, cluster(profiles=profile, pods=running, resource_claims=(stored_a,)), NOW)
+    assert steady.create == [a] and steady.delete == []
+
+    # 2. The spec fixes 2 replicas: a new plan, so a new claim B; A stays while its pods run.
+    body = {**body, "metadata": {**body["metadata"], "generation": 2}, "spec": {**body["spec"], "replicas": 2}}
+    second = decide(body, cluster(profiles=profile, pods=running, resource_claims=(stored_a,)), NOW)
+    (b,) = second.create
+    assert b["metadata"]["name"] != a["metadata"]["name"]
+    assert gpu_config(b)["sharing"]["mpsConfig"]["defaultActiveThreadPercentage"] == 50
+    sts = next(o for o in second.apply if o["kind"] == "StatefulSet")
+    assert sts["spec"]["replicas"] == 2
+    assert sts["spec"]["template"]["spec"]["resourceClaims"][0]["resourceClaimName"] == b["metadata"]["name"]
+    assert second.delete == []
+    body = with_status(body, second.status)
+
+    # 3. Mid-rollout: the StatefulSet replaced pod 1; pod 0 still holds A.
+    rolling = pods(a["metadata"]["name"], b["metadata"]["name"])
+    stored_b = as_stored(b, ["smollm2-dra-1"])
+    claims_ = (as_stored(a, ["smollm2-dra-0"]), stored_b)
+    assert decide(body, cluster(profiles=profile, pods=rolling, resource_claims=claims_), NOW).delete == []
+
+    # 4. Pod 0 is gone but the scheduler has not yet released A: still kept.
+    moved = pods(b["metadata"]["name"], b["metadata"]["name"])
+    claims_ = (as_stored(a, ["smollm2-dra-0"]), as_stored(b, [p.name for p in moved]))
+    assert decide(body, cluster(profiles=profile, pods=moved, resource_claims=claims_), NOW).delete == []
+
+    # 5. No pod names A and nothing reserves it: A is deleted as read, B never.
+    released = as_stored(a, [])
+    last = decide(body, cluster(profiles=profile, pods=moved,
+                                resource_claims=(released, as_stored(b, [p.name for p in moved]))), NOW)
+    assert last.delete == [released]
+    assert condition(last, "Available").status == "True"
+
+
+# ---------------------------------------------------------------- slmpack render
+
+
+def render(capsys, *args) -> tuple[int, list[dict], str]:
+    code = main(["render", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, [d for d in yaml.safe_load_all(out) if d], err
+
+
+def slice_args(*names: str) -> list:
+    return [a for n in names for a in ("--resource-slice", SLICES / n)]
+
+
+@pytest.mark.parametrize(("api_versions", "release"), [
+    ("resource.k8s.io/v1beta1", "1.32"),
+    ("resource.k8s.io/v1beta1,resource.k8s.io/v1beta2", "1.33"),
+    ("resource.k8s.io/v1,resource.k8s.io/v1beta2,resource.k8s.io/v1beta1", "1.34"),
+])
+def test_render_writes_the_example_for_the_versions_the_cluster_serves(capsys, api_versions, release):
+    code, docs, _ = render(capsys, "-f", EXAMPLE, *slice_args("h100-node.yaml", "a100-node.yaml"),
+                           "--api-versions", api_versions, "--profile", PROFILE_FILE)
+    assert code == 0
+    assert [d["kind"] for d in docs] == ["ResourceClaim", "Service", "StatefulSet", "SLMDeployment"]
+    assert docs[0]["apiVersion"] == newest_served(api_versions.split(","))
+    for obj in docs[:-1]:
+        kubernetes_validate.validate(obj, release, strict=True)
+    assert chosen(docs[0]) == ["h100-node/gpu-0"]
+    assert docs[-1]["status"]["plan"]["replicas"] == docs[2]["spec"]["replicas"] == 4
+
+
+def test_render_without_a_profile_prints_the_profiling_claim_template_and_job(capsys):
+    code, docs, _ = render(capsys, "-f", EXAMPLE, *slice_args("h100-node.yaml"))
+    assert code == 0
+    assert [d["kind"] for d in docs] == ["SLMProfile", "ServiceAccount", "RoleBinding", "ResourceClaimTemplate",
+                                         "Job", "SLMDeployment"]
+    for obj in docs[1:-1]:
+        kubernetes_validate.validate(obj, "1.34", strict=True)  # the slice file's version, v1
+
+
+def test_render_says_when_the_cluster_serves_no_dra_version(capsys):
+    code, docs, err = render(capsys, "-f", EXAMPLE, *slice_args("h100-node.yaml"), "--api-versions", "")
+    assert code == 1 and docs == []
+    assert "serves no resource.k8s.io version" in err

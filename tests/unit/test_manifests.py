@@ -14,7 +14,6 @@ from slmpack.core.conditions import (
 from slmpack.core.manifests import (
     Owner,
     build_profiling_job,
-    build_resource_claim,
     build_service,
     build_statefulset,
     profile_conditions,
@@ -79,23 +78,6 @@ def test_cpu_mode_sets_the_kv_cache_space_and_no_gpu_flags():
     assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in engine(sts)["env"]
     assert "--gpu-memory-utilization" not in engine(sts)["args"]
     assert engine(sts)["image"] == "slmpack/engine-cpu:0.1.0"
-
-
-def test_dra_placement_shares_one_resource_claim_with_mps_settings():
-    dra = spec(placement="dra")
-    sts = build_statefulset(OWNER, dra, PLAN, None)
-    claim = build_resource_claim(OWNER, dra, PLAN)
-    pod = sts["spec"]["template"]["spec"]
-    assert pod["resourceClaims"] == [{"name": "gpu", "resourceClaimName": "chat-gpu"}]
-    assert engine(sts)["resources"]["claims"] == [{"name": "gpu"}]
-    assert "nvidia.com/gpu" not in engine(sts)["resources"]["limits"]
-    config = claim["spec"]["devices"]["config"][0]["opaque"]
-    assert config["driver"] == "gpu.nvidia.com"
-    assert config["parameters"]["kind"] == "GpuConfig"
-    assert config["parameters"]["sharing"] == {"strategy": "MPS", "mpsConfig": {
-        "defaultActiveThreadPercentage": 34, "defaultPinnedDeviceMemoryLimit": "24467Mi"}}
-    sliced = build_resource_claim(OWNER, spec(placement="dra", sharing="time-slicing"), PLAN)
-    assert sliced["spec"]["devices"]["config"][0]["opaque"]["parameters"]["sharing"]["strategy"] == "TimeSlicing"
 
 
 def test_service_selects_the_engine_pods():

@@ -168,8 +168,10 @@ class Kube:
     def resource_claims(self, api_version: str, namespace: str, selector: dict[str, str]) -> list[dict]:
         group, version = api_version.split("/")
         labels = ",".join(f"{k}={v}" for k, v in selector.items())
-        return self.custom.list_namespaced_custom_object(
+        items = self.custom.list_namespaced_custom_object(
             group, version, namespace, "resourceclaims", label_selector=labels)["items"]
+        # Items of a list carry no apiVersion or kind; the delete needs the version they were read in.
+        return [{**item, "apiVersion": api_version, "kind": "ResourceClaim"} for item in items]
 
     def delete_unused_claim(self, claim: dict) -> bool:
         """Delete a claim as it was read; True when deleted. The preconditions make the delete fail (409) if
@@ -185,4 +187,3 @@ class Kube:
             if error.status in (404, 409):
                 return False
             raise
-

@@ -21,6 +21,7 @@ from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
 from slmpack.adapters.kube import Kube, load_config
 from slmpack.api.models import SLMDeploymentStatus
 from slmpack.core import conditions as cond
+from slmpack.core import dra
 from slmpack.core.decide import ClusterSnapshot, Decision, ProfilingJob, decide, with_status
 from slmpack.core.manifests import DEPLOYMENT_LABEL, PROFILE_LABEL, selector_labels
 
@@ -55,13 +56,21 @@ def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300
 
 
-def read_snapshot(kube: Kube, namespace: str, name: str) -> ClusterSnapshot:
-    """What the decision depends on, read from the API now."""
+def read_snapshot(kube: Kube, namespace: str, name: str, placement: str | None = None) -> ClusterSnapshot:
+    """What the decision depends on, read from the API now; the DRA inputs only for a DRA deployment."""
+    versions, slices, claims = (), (), ()
+    if placement == "dra":
+        versions = tuple(kube.served_versions(dra.GROUP))
+        served = dra.newest_served(versions)
+        if served:
+            slices = tuple(kube.resource_slices(served, dra.DRIVER))
+            claims = tuple(kube.resource_claims(served, namespace, selector_labels(name)))
     return ClusterSnapshot(
         nodes=tuple(kube.gpu_nodes()),
         profiles=tuple(kube.profiles(namespace)),
         jobs=tuple(profiling_job(j) for j in kube.jobs(namespace, PROFILE_LABEL)),
         pods=tuple(replica_state(p) for p in kube.pods(namespace, selector_labels(name))),
+        resource_api_versions=versions, resource_slices=slices, resource_claims=claims,
     )
 
 
@@ -76,7 +85,9 @@ def replica_state(pod) -> cond.ReplicaState:
     engine = next((s for s in statuses if s.name == "engine"), statuses[0] if statuses else None)
     uuids = (pod.metadata.annotations or {}).get(GPU_UUIDS_ANNOTATION, "")
     where = {"node": pod.spec.node_name if pod.spec else None,
-             "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip())}
+             "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip()),
+             "claims": tuple(c.resource_claim_name for c in (pod.spec.resource_claims if pod.spec else None) or []
+                             if c.resource_claim_name)}
     if engine is None:
         return cond.ReplicaState(name=pod.metadata.name, ready=False, **where)
     waiting = engine.state.waiting.reason if engine.state and engine.state.waiting else None
@@ -95,6 +106,10 @@ def act(kube: Kube, body: dict, decision: Decision) -> bool:
         kube.apply(obj)
     if decision.profile_user:
         kube.add_profile_user(*decision.profile_user)
+    for claim in decision.delete:
+        if kube.delete_unused_claim(claim):
+            log.info("deleted ResourceClaim %s/%s: no pod uses it", claim["metadata"]["namespace"],
+                     claim["metadata"]["name"])
     for event in decision.events:
         (kopf.warn if event.warning else kopf.info)(body, reason=event.reason, message=event.message)
         log.info("%s/%s %s: %s", body["metadata"]["namespace"], body["metadata"]["name"], event.reason,
@@ -108,7 +123,9 @@ def reconcile_once(body: dict, kube: Kube) -> Decision:
     """Read, decide, act; again while acting created objects the decision depends on (the profile's uid)."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     for _ in range(MAX_ROUNDS):
-        decision = decide(body, read_snapshot(kube, namespace, name), datetime.now(UTC), PROFILER_CLUSTER_ROLE)
+        placement = (body.get("spec") or {}).get("placement")
+        decision = decide(body, read_snapshot(kube, namespace, name, placement), datetime.now(UTC),
+                          PROFILER_CLUSTER_ROLE)
         if not act(kube, body, decision):
             break
         body = with_status(body, decision.status)

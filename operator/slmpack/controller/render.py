@@ -8,6 +8,10 @@ operator refuses exits 1 with the message its InvalidSpec condition carries.
 Without a Ready profile the operator first creates the SLMProfile, and once it exists the
 profiling Job; render does the same two rounds, giving the new profile a placeholder uid
 as the apiserver would give it a real one.
+
+For placement dra, `--resource-slice` gives the devices NVIDIA's DRA driver publishes and
+`--api-versions` the resource.k8s.io versions the cluster serves; the claims come out in the
+newest of them. A cluster that cannot take the pack exits 1 with its Placed condition's message.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a Node as `kubectl get node -o yaml` prints it (repeatable; a List works too)")
     parser.add_argument("--profile", action="append", default=[], type=Path, metavar="SLMPROFILE.yaml",
                         help="an SLMProfile with its status, as if it existed in the namespace (repeatable)")
+    parser.add_argument("--resource-slice", action="append", default=[], type=Path, metavar="SLICE.yaml",
+                        help="a ResourceSlice as `kubectl get resourceslice -o yaml` prints it, for placement dra "
+                             "(repeatable; a List works too)")
+    parser.add_argument("--api-versions", default=None, metavar="resource.k8s.io/v1beta1,...",
+                        help="the resource.k8s.io versions the cluster serves, comma-separated "
+                             "(default: those of the --resource-slice files)")
     parser.add_argument("--namespace", "-n", default=None,
                         help=f"the namespace, when the SLMDeployment names none (default {DEFAULT_NAMESPACE})")
 
@@ -73,13 +83,16 @@ def profile_as_stored(profile: dict, namespace: str) -> dict:
     return {**profile, "metadata": metadata}
 
 
-def render(deployment: dict, nodes: list[GPUNode], profiles: list[dict], now: datetime) -> tuple[list[dict], Decision]:
+def render(deployment: dict, nodes: list[GPUNode], profiles: list[dict], now: datetime,
+           api_versions: tuple[str, ...] = (), slices: tuple[dict, ...] = ()) -> tuple[list[dict], Decision]:
     """The objects the operator would create or apply, in order, and its last decision."""
     profiles = [dict(p) for p in profiles]
     objects: list[dict] = []
     seen: set[tuple[str, str]] = set()
     for _ in range(MAX_ROUNDS):
-        decision = decide(deployment, ClusterSnapshot(nodes=tuple(nodes), profiles=tuple(profiles)), now)
+        decision = decide(deployment, ClusterSnapshot(nodes=tuple(nodes), profiles=tuple(profiles),
+                                                      resource_api_versions=api_versions, resource_slices=slices),
+                          now)
         created = False
         for obj in decision.create + decision.apply:
             key = (obj["kind"], obj["metadata"]["name"])
@@ -109,10 +122,20 @@ def run(args: argparse.Namespace) -> int:
     profiles = [profile_as_stored(p, metadata["namespace"])
                 for path in args.profile for p in load_documents(path) if p.get("kind") == "SLMProfile"]
 
-    objects, decision = render(deployment, nodes, profiles, datetime.now(UTC))
+    slices = tuple(s for path in args.resource_slice for s in load_documents(path) if s.get("kind") == "ResourceSlice")
+    if args.api_versions is not None:
+        api_versions = tuple(v.strip() for v in args.api_versions.split(",") if v.strip())
+    else:
+        api_versions = tuple(sorted({s["apiVersion"] for s in slices}))
+    objects, decision = render(deployment, nodes, profiles, datetime.now(UTC), api_versions, slices)
     refused = cond.get_condition(decision.status.conditions, cond.INVALID_SPEC)
     if refused is not None and refused.status == "True":
         print(refused.message, file=sys.stderr)
+        return 1
+    unplaced = cond.get_condition(decision.status.conditions, cond.PLACED)
+    if decision.outcome == "waiting" and unplaced is not None:
+        # The cluster cannot take the pack (no DRA API or driver): the condition says what is missing.
+        print(unplaced.message, file=sys.stderr)
         return 1
     deployment = with_status(deployment, decision.status)
     yaml.safe_dump_all(objects + [deployment], sys.stdout, sort_keys=False)

@@ -67,6 +67,7 @@ class ReplicaState:
     restarts: int = 0
     node: str | None = None  # the node it was scheduled to
     gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, from slmpack.GPU_UUIDS_ANNOTATION
+    claims: tuple[str, ...] = ()  # the ResourceClaims it names (DRA placement)
 
 
 FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",

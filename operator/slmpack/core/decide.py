@@ -24,14 +24,23 @@ from slmpack.api.models import (
     SLMProfileStatus,
 )
 from slmpack.core import conditions as cond
+from slmpack.core.dra import (
+    DraTarget,
+    DraUnavailable,
+    build_profiling_claim_template,
+    build_resource_claim,
+    choose_device,
+    claims_to_delete,
+    profiling_claim_template_name,
+)
 from slmpack.core.manifests import (
     MANAGED_BY,
     PROFILE_KEY_LABEL,
+    PROFILE_LABEL,
     Owner,
     build_profile,
     build_profiler_access,
     build_profiling_job,
-    build_resource_claim,
     build_service,
     build_statefulset,
     profile_conditions,
@@ -69,6 +78,8 @@ class ClusterSnapshot:
     # DRA inputs: the resource.k8s.io versions the apiserver serves, and its ResourceSlices.
     resource_api_versions: tuple[str, ...] = ()
     resource_slices: tuple[dict, ...] = ()
+    # The deployment's ResourceClaims (DRA), as the API returns them.
+    resource_claims: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,10 @@ class Decision:
     create: list[dict] = field(default_factory=list)
     # A profile shared by several deployments lists each as an owner: (profile, ownerReference) to add.
     profile_user: tuple[dict, dict] | None = None
+    # Deleted as read (the adapter makes the read a precondition): a DRA pack's earlier claims no pod uses.
+    delete: list[dict] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    # invalid | profiling | placed
+    # invalid | waiting | profiling | placed
     outcome: str = "placed"
     # Try again after this many seconds even when nothing changes (a node may join).
     retry_after_seconds: int | None = None
@@ -113,6 +126,7 @@ class _Decider:
         status.observed_generation = self.generation
         self.decision = Decision(status=status)
         self.raw_spec = deployment.get("spec") or {}
+        self.dra: DraTarget | None = None
 
     @property
     def status(self) -> SLMDeploymentStatus:
@@ -142,7 +156,17 @@ class _Decider:
             problems = spec_problems(spec)
             if problems:
                 raise InvalidSpec("; ".join(problems))
-            node = choose_node(spec, list(self.cluster.nodes))
+            if spec.placement == Placement.dra:
+                self.dra = choose_device(spec, self.cluster.resource_api_versions, self.cluster.resource_slices)
+                node = self.dra.node()
+            else:
+                node = choose_node(spec, list(self.cluster.nodes))
+        except DraUnavailable as error:
+            # Not the spec's fault: the cluster may turn DRA on or get the driver later.
+            self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid")
+            self.condition(cond.PLACED, False, error.reason, str(error), warn=True)
+            self.decision.retry_after_seconds = NODE_RETRY_SECONDS
+            return self.finish("waiting")
         except InvalidSpec as error:
             self.condition(cond.INVALID_SPEC, True, "InvalidSpec", str(error), warn=True)
             if isinstance(error, NoMatchingNode):
@@ -222,8 +246,16 @@ class _Decider:
             # The Job is owned by the profile, so it waits for the profile's uid (the next decision).
             self.decision.create += build_profiler_access(self.namespace, self.profiler_cluster_role)
             owner = Owner(kind="SLMProfile", name=name, uid=uid, namespace=self.namespace)
-            self.decision.create.append(build_profiling_job(owner, profile_conditions(spec, node.gpu_memory_mib),
-                                                            spec, node))
+            conditions = profile_conditions(spec, node.gpu_memory_mib)
+            if self.dra is not None:
+                # Its own claim gives the Job a GPU; the scheduler picks the node.
+                labels = {PROFILE_LABEL: name, **MANAGED_BY}
+                self.decision.create.append(build_profiling_claim_template(owner, spec, self.dra.api_version,
+                                                                           labels))
+                self.decision.create.append(build_profiling_job(owner, conditions, spec, None,
+                                                                claim_template=profiling_claim_template_name(name)))
+            else:
+                self.decision.create.append(build_profiling_job(owner, conditions, spec, node))
             self.decision.events.append(Event("ProfilingStarted",
                                               f"profiling Job {job_name} started on node {node.name}"))
         if (job is not None and job.failed) or measured.phase == "Failed":
@@ -238,17 +270,29 @@ class _Decider:
         self.condition(cond.PROFILE_READY, False, "Profiling", f"SLMProfile {name}: {progress}")
 
     def place(self, spec: SLMDeploymentSpec, node: GPUNode, profile: SLMProfileStatus | None) -> None:
-        decided = plan(spec, profile, node.gpu_memory_mib, node.sharing_slots)
+        # DRA nodes carry no device-plugin sharing slots: the measurement and the memory model decide.
+        decided = plan(spec, profile, node.gpu_memory_mib, None if self.dra else node.sharing_slots)
         owner = self.owner()
-        objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node)]
-        if spec.placement == Placement.dra:
-            objects.insert(0, build_resource_claim(owner, spec, decided))
+        if self.dra is not None:
+            claim = build_resource_claim(owner, spec, decided, self.dra.api_version)
+            self.decision.create.append(claim)
+            objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, None,
+                                                                     claim["metadata"]["name"])]
+            in_use = {name for pod in self.cluster.pods for name in pod.claims}
+            self.decision.delete += claims_to_delete(self.cluster.resource_claims, in_use, claim["metadata"]["name"])
+        else:
+            objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node)]
         self.decision.apply += objects
         self.status.plan, self.status.replicas = decided, decided.replicas
         self.status.endpoint = service_endpoint(owner, spec)
         where = "on the CPU" if spec.engine.device == Device.cpu else f"sharing one GPU by {spec.sharing.value}"
+        if self.dra is not None:
+            where = (f"sharing the GPU of ResourceClaim {claim['metadata']['name']} ({self.dra.api_version}, "
+                     f"{self.dra.candidates} matching GPU(s) published) by {spec.sharing.value}")
+        else:
+            where = f"on node {node.name} {where}"
         self.condition(cond.PLACED, True, "StatefulSetApplied",
-                       f"{decided.replicas} replica(s) on node {node.name} {where}: {decided.explanation}")
+                       f"{decided.replicas} replica(s) {where}: {decided.explanation}")
         self.follow_replicas(decided.replicas)
 
     def follow_replicas(self, planned: int) -> None:

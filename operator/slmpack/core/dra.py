@@ -30,6 +30,7 @@ from packaging.version import InvalidVersion, Version
 
 from slmpack.api.models import Plan, Sharing, SLMDeploymentSpec
 from slmpack.core.manifests import Owner, dns_name, engine_labels
+from slmpack.core.validation import MEMORY, GPUNode, InvalidSpec, NoMatchingNode
 
 GROUP = "resource.k8s.io"
 # Newest first: v1 is GA from Kubernetes 1.34, v1beta2 came with 1.33, v1beta1 with 1.32.
@@ -43,8 +44,17 @@ DEVICE_CLASS_SELECTOR = f"device.driver == '{DRIVER}' && device.attributes['{DRI
 MIB = 1024 * 1024
 
 
-class InvalidSelector(ValueError):
+class InvalidSelector(InvalidSpec):
     """A CEL device selector that does not compile or does not yield a bool."""
+
+
+class DraUnavailable(Exception):
+    """The cluster cannot take a DRA claim yet (no resource.k8s.io version, no driver): `reason` is the
+    condition's reason, the message says what to turn on."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # ---------------------------------------------------------------- API versions
@@ -261,6 +271,11 @@ def check_selector(expression: str) -> None:
 # ---------------------------------------------------------------- selectors and sharing
 
 
+def gfd_product(product: str) -> str:
+    """The product as written in spec.gpu.product, without the `-SHARED` GFD appends on shared GPUs."""
+    return product.removesuffix("-SHARED")
+
+
 def _cel_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -282,7 +297,7 @@ def device_selectors(spec: SLMDeploymentSpec, min_memory_mib: int | None = None)
     the plan."""
     selectors = [f"device.attributes[{_cel_string(DRIVER)}].type == 'gpu'"]
     if spec.gpu.product:
-        selectors.append(product_selector(spec.gpu.product))
+        selectors.append(product_selector(gfd_product(spec.gpu.product)))
     if min_memory_mib:
         selectors.append(memory_selector(min_memory_mib))
     return selectors
@@ -305,6 +320,53 @@ def gpu_config(sharing: Sharing, plan: Plan | None) -> dict:
     else:
         shared = {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Default"}}
     return {"apiVersion": GPU_CONFIG_API, "kind": "GpuConfig", "sharing": shared}
+
+
+# ---------------------------------------------------------------- the GPU a pack is planned for
+
+
+@dataclass(frozen=True)
+class DraTarget:
+    """Where a DRA pack goes: the API version to write and the device the plan is sized for."""
+
+    api_version: str
+    device: DraDevice
+    candidates: int  # how many published full GPUs match
+
+    def node(self) -> GPUNode:
+        """The device as the planner sees a GPU node: its memory, and no device-plugin sharing slots."""
+        memory = self.device.memory_mib
+        return GPUNode(name=self.device.node or self.device.pool, labels={MEMORY: str(memory)} if memory else {})
+
+
+def choose_device(spec: SLMDeploymentSpec, api_versions: Iterable[str], slices: Iterable[dict]) -> DraTarget:
+    """The newest served API version and, among the driver's full GPUs that match the spec, the one with the
+    least memory, so that the plan fits whichever of them the scheduler allocates.
+
+    Raises DraUnavailable when the cluster serves no version or publishes no device of the driver,
+    NoMatchingNode when no published GPU matches, and InvalidSelector when a selector does not compile.
+    """
+    api_version = newest_served(api_versions)
+    if api_version is None:
+        raise DraUnavailable("DRANotServed", "the cluster serves no resource.k8s.io version slmpack writes "
+                             f"({', '.join(VERSIONS)}): DRA needs Kubernetes 1.32 or later with the "
+                             "DynamicResourceAllocation feature gate (on by default from 1.34); "
+                             "turn it on or use placement device-plugin")
+    devices = [d for d in devices_from_slices(slices) if d.driver == DRIVER]
+    if not devices:
+        raise DraUnavailable("NoDRADriver", f"no ResourceSlice of driver {DRIVER} exists: install NVIDIA's DRA "
+                             "driver for GPUs with gpuResourcesEnabledOverride=true on the GPU nodes")
+    selectors = device_selectors(spec)
+    for expression in selectors:
+        check_selector(expression)
+    matching = matching_devices(selectors, devices)
+    if not matching:
+        published = sorted({str(d.attribute("productName")) for d in devices if d.attribute("type") == "gpu"})
+        raise NoMatchingNode(f"spec.gpu.product: no full GPU that {DRIVER} publishes matches {spec.gpu.product} "
+                             f"(published: {', '.join(published) or 'MIG devices only'}): fix spec.gpu.product "
+                             "or add such a GPU")
+    device = min(matching, key=lambda d: (d.memory_mib or 0, d.node or "", d.name))
+    return DraTarget(api_version=api_version, device=device, candidates=len(matching))
 
 
 # ---------------------------------------------------------------- claims
@@ -381,21 +443,10 @@ def build_profiling_claim_template(profile_owner: Owner, spec: SLMDeploymentSpec
 # ---------------------------------------------------------------- old claims
 
 
-def claims_in_use(pods: Iterable[dict]) -> set[str]:
-    """Names of the claims that live pods reference."""
-    used = set()
-    for pod in pods:
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            continue
-        for ref in (pod.get("spec") or {}).get("resourceClaims") or []:
-            if ref.get("resourceClaimName"):
-                used.add(ref["resourceClaimName"])
-    return used
-
-
-def claims_to_delete(claims: Iterable[dict], pods: Iterable[dict], current: str) -> list[str]:
-    """The pack's earlier claims that no pod uses any more: not the current one, named by no live pod, and
+def claims_to_delete(claims: Iterable[dict], in_use: Iterable[str], current: str) -> list[dict]:
+    """The pack's earlier claims that no pod uses any more: not the current one, named by no pod, and
     reserved for no consumer (the scheduler's record of who holds the device)."""
-    used = claims_in_use(pods) | {current}
-    return sorted(c["metadata"]["name"] for c in claims
-                  if c["metadata"]["name"] not in used and not (c.get("status") or {}).get("reservedFor"))
+    keep = set(in_use) | {current}
+    return sorted((c for c in claims
+                   if c["metadata"]["name"] not in keep and not (c.get("status") or {}).get("reservedFor")),
+                  key=lambda c: c["metadata"]["name"])

@@ -18,7 +18,6 @@ from slmpack.api.models import (
     Placement,
     Plan,
     ProfileConditions,
-    Sharing,
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
@@ -32,7 +31,6 @@ PROFILER_SERVICE_ACCOUNT = "slmpack-profiler"
 ENGINE_UID = 10001
 # Long enough for a cold engine start on a CPU (about 90 s) or a large GPU model download.
 STARTUP_SECONDS = 900
-DRA_DRIVER = "gpu.nvidia.com"
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,8 @@ def node_affinity(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict | None:
     slots per GPU (MPS caps each client at 1/R) and memory, so those must stay what they were.
     """
     expressions = []
-    if spec.gpu.product:
+    if spec.gpu.product and spec.placement == Placement.device_plugin:
+        # Under DRA the claim's selector picks the product; GFD labels may be absent there.
         expressions.append({"key": PRODUCT, "operator": "In", "values": product_labels(spec.gpu.product)})
     if node is not None and spec.placement == Placement.device_plugin and spec.engine.device == Device.gpu:
         expressions += [{"key": key, "operator": "In", "values": [node.labels[key]]}
@@ -174,8 +173,11 @@ def mps_env(plan: Plan) -> list[dict]:
 # ---------------------------------------------------------------- SLMDeployment children
 
 
-def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUNode | None) -> dict:
-    """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right."""
+def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUNode | None,
+                      claim: str | None = None) -> dict:
+    """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right.
+
+    Under DRA every pod names the pack's ResourceClaim `claim` (core/dra.py)."""
     volumes, mounts = scratch_volumes(spec)
     resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
     pod_spec: dict = {
@@ -187,7 +189,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "terminationGracePeriodSeconds": 30,
     }
     if spec.placement == Placement.dra:
-        pod_spec["resourceClaims"] = [{"name": "gpu", "resourceClaimName": resource_claim_name(owner.name)}]
+        pod_spec["resourceClaims"] = [{"name": "gpu", "resourceClaimName": claim}]
         resources["claims"] = [{"name": "gpu"}]
     else:
         resources["limits"][spec.gpu.resource_name] = "1"
@@ -242,35 +244,6 @@ def service_endpoint(owner: Owner, spec: SLMDeploymentSpec) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{spec.port}/v1"
 
 
-def resource_claim_name(deployment: str) -> str:
-    return dns_name(deployment, "gpu")
-
-
-def build_resource_claim(owner: Owner, spec: SLMDeploymentSpec, plan: Plan) -> dict:
-    """DRA: one claim per pack, shared by all its pods, with the NVIDIA driver's sharing settings."""
-    if spec.sharing == Sharing.mps:
-        sharing = {"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": plan.mps_active_thread_percentage}}
-        if plan.mps_pinned_memory_limit_mib:
-            sharing["mpsConfig"]["defaultPinnedDeviceMemoryLimit"] = f"{plan.mps_pinned_memory_limit_mib}Mi"
-    else:
-        sharing = {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Default"}}
-    request = {"name": "gpu", "deviceClassName": DRA_DRIVER}
-    if spec.gpu.product:
-        request["selectors"] = [{"cel": {"expression":
-                                         f'device.attributes["{DRA_DRIVER}"].productName == "{spec.gpu.product}"'}}]
-    return {
-        "apiVersion": "resource.k8s.io/v1beta1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": resource_claim_name(owner.name), "namespace": owner.namespace,
-                     "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]},
-        "spec": {"devices": {
-            "requests": [request],
-            "config": [{"requests": ["gpu"], "opaque": {"driver": DRA_DRIVER, "parameters": {
-                "apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig", "sharing": sharing}}}],
-        }},
-    }
-
-
 # ---------------------------------------------------------------- profiling
 
 
@@ -313,15 +286,22 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
 
 
 def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spec: SLMDeploymentSpec,
-                        node: GPUNode | None, backoff_limit: int = 2) -> dict:
-    """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status."""
+                        node: GPUNode | None, backoff_limit: int = 2, claim_template: str | None = None) -> dict:
+    """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status.
+
+    Under DRA the GPU comes from the ResourceClaimTemplate `claim_template` (core/dra.py)."""
     volumes, mounts = scratch_volumes(spec)
     # The Job runs up to maxReplicas engines at once, so the per-replica memory limit is not its own.
     limits = {k: v for k, v in spec.resources.limits.items() if k != "memory"}
     resources = {"requests": dict(spec.resources.requests), "limits": limits}
-    # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
-    gpu_slots = node.sharing_slots if node and spec.placement == Placement.device_plugin else 1
-    resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
+    pod_claims = {}
+    if spec.placement == Placement.dra:
+        pod_claims = {"resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": claim_template}]}
+        resources["claims"] = [{"name": "gpu"}]
+    else:
+        # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
+        gpu_slots = node.sharing_slots if node else 1
+        resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
     labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: profile_owner.name, **MANAGED_BY}
     return {
         "apiVersion": "batch/v1",
@@ -338,6 +318,7 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                     "securityContext": pod_security_context(),
                     **placement(spec, node),
                     "volumes": volumes,
+                    **pod_claims,
                     "containers": [{
                         "name": "profiler",
                         "image": conditions.engine_image,
