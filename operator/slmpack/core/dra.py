@@ -76,8 +76,23 @@ SUFFIXES = {None: 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1
 
 
 @total_ordering
-class Quantity(celtypes.StringType):
-    """A Kubernetes quantity as the scheduler's CEL sees it: comparable, not a plain string."""
+class _Ordered(celtypes.StringType):
+    """A value written as a string that the scheduler's CEL compares by what it means (`key`)."""
+
+    key: object
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.key == other.key
+
+    def __lt__(self, other):
+        return self.key < other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+class Quantity(_Ordered):
+    """A Kubernetes quantity (`81559Mi`, `40Gi`, `1.5`), as the CEL `quantity` library sees it."""
 
     def __new__(cls, text: str):
         match = QUANTITY.match(str(text).strip())
@@ -86,39 +101,20 @@ class Quantity(celtypes.StringType):
         self = super().__new__(cls, str(text).strip())
         number, suffix = match.groups()
         scale = Decimal(10) ** int(suffix[1:]) if suffix and suffix[0] in "eE" else Decimal(SUFFIXES[suffix])
-        self.amount = Decimal(number) * scale
+        self.amount = self.key = Decimal(number) * scale
         return self
 
-    def __eq__(self, other):
-        return isinstance(other, Quantity) and self.amount == other.amount
 
-    def __lt__(self, other):
-        return self.amount < other.amount
-
-    def __hash__(self):
-        return hash(self.amount)
-
-
-@total_ordering
-class Semver(celtypes.StringType):
-    """A version attribute as the scheduler's CEL sees it (semver, comparable)."""
+class Semver(_Ordered):
+    """A version attribute (`570.133.20`), as the CEL `semver` library sees it."""
 
     def __new__(cls, text: str):
         self = super().__new__(cls, str(text))
         try:
-            self.version = Version(str(text))
+            self.key = Version(str(text))
         except InvalidVersion as error:
             raise ValueError(f"{text!r} is not a semantic version") from error
         return self
-
-    def __eq__(self, other):
-        return isinstance(other, Semver) and self.version == other.version
-
-    def __lt__(self, other):
-        return self.version < other.version
-
-    def __hash__(self):
-        return hash(self.version)
 
 
 def _compare(a, b) -> celtypes.IntType:
