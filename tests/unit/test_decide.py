@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from slmpack.core.decide import ClusterSnapshot, ProfilingJob, decide, with_status
+from slmpack.core.conditions import ReplicaState
+from slmpack.core.decide import ClusterSnapshot, Event, ProfilingJob, decide, with_status
 from slmpack.core.validation import GPUNode
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -89,3 +90,60 @@ def test_a_ready_profile_places_the_pack():
 def test_the_same_snapshot_gives_the_same_decision():
     snapshot = ClusterSnapshot((H100,))
     assert decide(deployment(), snapshot, NOW) == decide(deployment(), snapshot, NOW)
+
+
+def node(name, gpus, replicas=4) -> GPUNode:
+    return GPUNode(name, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED", "nvidia.com/gpu.memory": "81559",
+                          "nvidia.com/gpu.replicas": str(replicas), "nvidia.com/gpu.sharing-strategy": "mps",
+                          "nvidia.com/gpu.count": str(gpus)}, {"nvidia.com/gpu": gpus * replicas})
+
+
+def pod(name, *uuids, ready=True) -> ReplicaState:
+    return ReplicaState(name=name, ready=ready, node="gpu-8", gpu_uuids=uuids)
+
+
+def fixed(replicas=2) -> dict:
+    return deployment(replicas=replicas, gpu={"product": "NVIDIA-H100-80GB-HBM3"})
+
+
+def test_a_node_with_one_gpu_is_preferred_because_it_guarantees_one_gpu_per_pack():
+    decision = decide(fixed(), ClusterSnapshot((node("gpu-8", 8, replicas=7), node("gpu-1", 1))), NOW)
+    assert "on node gpu-1" in condition(decision, "Placed").message
+    guaranteed = condition(decision, "OneGPU")
+    assert (guaranteed.status, guaranteed.reason) == ("True", "SingleGPUNode")
+
+
+def test_on_a_multi_gpu_node_one_gpu_is_not_claimed_until_every_replica_reports_the_same_uuid():
+    cluster = ClusterSnapshot((node("gpu-8", 8),))
+    waiting = decide(fixed(), cluster, NOW)
+    assert (condition(waiting, "OneGPU").status, condition(waiting, "OneGPU").reason) == ("Unknown", "NotVerified")
+    one = decide(fixed(), ClusterSnapshot(cluster.nodes, pods=(pod("chat-0", "GPU-a"), pod("chat-1", "GPU-a"))), NOW)
+    assert (condition(one, "OneGPU").status, condition(one, "OneGPU").reason) == ("True", "OnOneGPU")
+    assert [(r.name, r.gpu_uuids) for r in one.status.replica_gpus] == [("chat-0", ["GPU-a"]), ("chat-1", ["GPU-a"])]
+    assert one.status.to_wire()["replicaGPUs"][0] == {"name": "chat-0", "node": "gpu-8", "gpuUUIDs": ["GPU-a"]}
+
+
+def test_a_split_pack_is_a_condition_with_a_reason_a_warning_event_and_the_fix():
+    split = decide(fixed(), ClusterSnapshot((node("gpu-8", 8),), pods=(pod("chat-0", "GPU-a"), pod("chat-1", "GPU-b"))),
+                   NOW)
+    one_gpu = condition(split, "OneGPU")
+    assert (one_gpu.status, one_gpu.reason) == ("False", "SplitAcrossGPUs")
+    assert "chat-0 on GPU-a; chat-1 on GPU-b" in one_gpu.message and "placement dra" in one_gpu.message
+    assert Event("SplitAcrossGPUs", one_gpu.message, warning=True) in split.events
+    assert split.status.phase.value == "Degraded"
+    # Reported once: the same split on the next decision posts no second Event.
+    again = decide(with_status(fixed(), split.status), ClusterSnapshot((node("gpu-8", 8),), pods=(
+        pod("chat-0", "GPU-a"), pod("chat-1", "GPU-b"))), NOW)
+    assert [e for e in again.events if e.reason == "SplitAcrossGPUs"] == []
+
+
+def test_a_profile_that_does_not_fit_the_nodes_share_is_refused_before_the_pack_is_created():
+    profile = yaml.safe_load((DATA / "profiles" / "smollm2-360m-h100.yaml").read_text())
+    profile["metadata"].update(namespace="team", uid="p-1")
+    profile["status"]["memory"]["weightsMib"] = 30000
+    decision = decide(deployment(profiling={"profileRef": "smollm2-360m-h100"}),
+                      ClusterSnapshot((node("gpu-1", 1),), (profile,)), NOW)
+    assert decision.apply == []
+    refused = condition(decision, "InvalidSpec")
+    assert refused.status == "True" and refused.message.startswith("spec.model: 30000 MiB of weights")
+    assert [e.reason for e in decision.events if e.warning] == ["InvalidSpec"]

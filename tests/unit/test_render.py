@@ -48,3 +48,13 @@ def test_a_refused_spec_exits_non_zero_with_the_condition_message(tmp_path, caps
 def test_a_missing_file_is_an_error(tmp_path, missing):
     with pytest.raises(FileNotFoundError):
         main(["render", "-f", str(tmp_path / missing)])
+
+
+def test_the_output_is_plain_yaml_that_kubectl_would_read(capsys):
+    main(["render", "-f", str(ROOT / "examples" / "slmdeployment.yaml"), "--node", str(NODES / "h100-mps-r4-g1.yaml"),
+          "--profile", str(PROFILE)])
+    out = capsys.readouterr().out
+    assert "&id" not in out and "*id" not in out  # no YAML anchors
+    deployment = list(yaml.safe_load_all(out))[-1]
+    assert list(deployment["metadata"]) == ["name", "namespace"]
+    assert deployment["status"]["replicaGPUs"] == []

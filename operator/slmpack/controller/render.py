@@ -34,6 +34,13 @@ RENDER_UID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_NAMESPACE = "default"
 
 
+class Dumper(yaml.SafeDumper):
+    """Plain YAML, as kubectl prints it: a dict used twice is written twice, not as an anchor."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, type=Path, metavar="SLMDEPLOYMENT.yaml",
                         help="the SLMDeployment to render")
@@ -111,13 +118,15 @@ def render(deployment: dict, nodes: list[GPUNode], profiles: list[dict], now: da
 
 
 def run(args: argparse.Namespace) -> int:
-    deployment = next(iter(load_documents(args.filename)), None)
-    if not deployment or deployment.get("kind") != "SLMDeployment":
+    given = next(iter(load_documents(args.filename)), None)
+    if not given or given.get("kind") != "SLMDeployment":
         print(f"{args.filename}: no SLMDeployment in it", file=sys.stderr)
         return 2
-    metadata = {"uid": RENDER_UID, "generation": 1, **deployment.get("metadata", {})}
-    metadata.setdefault("namespace", args.namespace or DEFAULT_NAMESPACE)
-    deployment = {**deployment, "metadata": metadata}
+    given["metadata"] = dict(given.get("metadata") or {})
+    given["metadata"].setdefault("namespace", args.namespace or DEFAULT_NAMESPACE)
+    # As the apiserver would hold it: with a uid for its children's ownerReferences, at generation 1.
+    metadata = {"uid": RENDER_UID, "generation": 1, **given["metadata"]}
+    deployment = {**given, "metadata": metadata}
     nodes = [node_from_object(o) for path in args.node for o in load_documents(path) if o.get("kind") == "Node"]
     profiles = [profile_as_stored(p, metadata["namespace"])
                 for path in args.profile for p in load_documents(path) if p.get("kind") == "SLMProfile"]
@@ -137,6 +146,5 @@ def run(args: argparse.Namespace) -> int:
         # The cluster cannot take the pack (no DRA API or driver): the condition says what is missing.
         print(unplaced.message, file=sys.stderr)
         return 1
-    deployment = with_status(deployment, decision.status)
-    yaml.safe_dump_all(objects + [deployment], sys.stdout, sort_keys=False)
+    yaml.dump_all(objects + [with_status(given, decision.status)], sys.stdout, Dumper=Dumper, sort_keys=False)
     return 0

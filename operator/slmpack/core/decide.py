@@ -19,6 +19,7 @@ from datetime import datetime
 from slmpack.api.models import (
     Device,
     Placement,
+    ReplicaGPU,
     SLMDeploymentSpec,
     SLMDeploymentStatus,
     SLMProfileStatus,
@@ -125,6 +126,7 @@ class _Decider:
         status = self.before.model_copy(deep=True)
         status.observed_generation = self.generation
         self.decision = Decision(status=status)
+        self.warnings: dict[str, bool] = {}
         self.raw_spec = deployment.get("spec") or {}
         self.dra: DraTarget | None = None
 
@@ -136,14 +138,17 @@ class _Decider:
         return Owner(kind="SLMDeployment", name=self.name, uid=self.meta.get("uid", ""), namespace=self.namespace)
 
     def condition(self, type_: str, ok: bool | str, reason: str, message: str, warn: bool = False) -> None:
-        """Set a condition; post an Event when its reason or message changed."""
-        previous = cond.get_condition(self.before.conditions, type_)
+        """Set a condition; an Event follows when its reason or message ends up changed."""
         self.status.conditions = cond.set_condition(self.status.conditions, type_, ok, reason, message, self.now,
                                                     self.generation)
-        if previous is None or previous.reason != reason or previous.message != message:
-            self.decision.events.append(Event(reason, message, warn))
+        self.warnings[type_] = warn
 
     def finish(self, outcome: str) -> Decision:
+        for condition in self.status.conditions:
+            previous = cond.get_condition(self.before.conditions, condition.type)
+            if previous is None or (previous.reason, previous.message) != (condition.reason, condition.message):
+                self.decision.events.append(Event(condition.reason, condition.message,
+                                                  self.warnings.get(condition.type, False)))
         self.status.phase = cond.derive_phase(self.status.conditions)
         self.decision.outcome = outcome
         return self.decision
@@ -185,7 +190,11 @@ class _Decider:
             self.status.profiling_phase = None
             self.condition(cond.PROFILE_READY, True, "ProfilingSkipped",
                            f"spec.replicas fixes {spec.replicas} replicas; no profile is needed")
-        self.place(spec, node, profile)
+        try:
+            self.place(spec, node, profile)
+        except InvalidSpec as error:  # the measured model does not fit this node's share of a GPU
+            self.condition(cond.INVALID_SPEC, True, "InvalidSpec", str(error), warn=True)
+            return self.finish("invalid")
         return self.finish("placed")
 
     def find_profile(self, name: str) -> dict | None:
@@ -270,8 +279,9 @@ class _Decider:
         self.condition(cond.PROFILE_READY, False, "Profiling", f"SLMProfile {name}: {progress}")
 
     def place(self, spec: SLMDeploymentSpec, node: GPUNode, profile: SLMProfileStatus | None) -> None:
+        plugin_mps = spec.placement == Placement.device_plugin and node.sharing_strategy == "mps"
         # DRA nodes carry no device-plugin sharing slots: the measurement and the memory model decide.
-        decided = plan(spec, profile, node.gpu_memory_mib, None if self.dra else node.sharing_slots)
+        decided = plan(spec, profile, node.gpu_memory_mib, None if self.dra else node.sharing_slots, plugin_mps)
         owner = self.owner()
         if self.dra is not None:
             claim = build_resource_claim(owner, spec, decided, self.dra.api_version)
@@ -294,9 +304,46 @@ class _Decider:
         self.condition(cond.PLACED, True, "StatefulSetApplied",
                        f"{decided.replicas} replica(s) {where}: {decided.explanation}")
         self.follow_replicas(decided.replicas)
+        if spec.engine.device == Device.gpu:
+            self.check_one_gpu(spec, node, decided.replicas)
+
+    def check_one_gpu(self, spec: SLMDeploymentSpec, node: GPUNode, planned: int) -> None:
+        """Whether the pack shares one physical GPU: verified from the UUIDs the node reports per replica,
+        guaranteed by the mechanism where it can be (one DRA claim, or a node with one GPU)."""
+        pods = sorted(self.cluster.pods, key=lambda p: p.name)
+        by_gpu: dict[str, list[str]] = {}
+        for pod in pods:
+            for uuid in pod.gpu_uuids:
+                by_gpu.setdefault(uuid, []).append(pod.name)
+        if len(by_gpu) > 1:
+            where = "; ".join(f"{', '.join(names)} on {uuid}" for uuid, names in sorted(by_gpu.items()))
+            self.condition(cond.ONE_GPU, False, "SplitAcrossGPUs",
+                           f"the pack is split over {len(by_gpu)} GPUs of node {node.name} ({where}), so its "
+                           "replicas do not share one GPU. The device plugin spreads shared slots over a node's "
+                           "GPUs: use placement dra (one ResourceClaim, one GPU), or nodes with one GPU "
+                           "(nvidia.com/gpu.count=1); the plugin's packed allocation policy is best effort",
+                           warn=True)
+            return
+        reported = [p for p in pods if p.gpu_uuids]
+        if by_gpu and len(reported) >= planned:
+            self.condition(cond.ONE_GPU, True, "OnOneGPU",
+                           f"all {len(reported)} replicas run on GPU {next(iter(by_gpu))} of node {node.name}")
+        elif spec.placement == Placement.dra:
+            self.condition(cond.ONE_GPU, True, "OneClaim",
+                           "every replica names the same ResourceClaim, which is allocated one GPU")
+        elif node.gpu_count == 1:
+            self.condition(cond.ONE_GPU, True, "SingleGPUNode",
+                           f"node {node.name} has one GPU (nvidia.com/gpu.count=1), so every slot is on it")
+        else:
+            count = f"{node.gpu_count} GPUs" if node.gpu_count else "an unlabelled number of GPUs"
+            self.condition(cond.ONE_GPU, "Unknown", "NotVerified",
+                           f"node {node.name} has {count} and the device plugin may spread the replicas over them: "
+                           f"{len(reported)}/{planned} replicas have reported their GPU so far")
 
     def follow_replicas(self, planned: int) -> None:
         states = list(self.cluster.pods)
+        self.status.replica_gpus = [ReplicaGPU(name=s.name, node=s.node, gpu_uuids=list(s.gpu_uuids))
+                                    for s in sorted(states, key=lambda s: s.name)]
         ready = sum(s.ready for s in states)
         self.status.ready_replicas = ready
         problem = cond.replica_problem(states)

@@ -18,6 +18,7 @@ from slmpack.api.models import (
     Placement,
     Plan,
     ProfileConditions,
+    Sharing,
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
@@ -92,10 +93,28 @@ def pod_security_context() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def scratch_volumes(spec: SLMDeploymentSpec) -> tuple[list[dict], list[dict]]:
-    """Writable /tmp (caches, compiled kernels), shared memory for the engine, and the model volume."""
-    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+def mps_client(spec: SLMDeploymentSpec, node: GPUNode | None) -> bool:
+    """Whether the pod's GPU comes with an MPS server that the cluster runs (device plugin or DRA driver)."""
+    if spec.engine.device != Device.gpu:
+        return False
+    if spec.placement == Placement.dra:
+        return spec.sharing == Sharing.mps
+    return node is not None and node.sharing_strategy == "mps"
+
+
+def scratch_volumes(spec: SLMDeploymentSpec, own_shm: bool = True) -> tuple[list[dict], list[dict]]:
+    """Writable /tmp (caches, compiled kernels), shared memory for the engine, and the model volume.
+
+    An MPS client gets /dev/shm from whoever runs the MPS server: the device plugin mounts the
+    node's MPS shm there and the DRA driver a per-claim tmpfs (NVIDIA/k8s-device-plugin
+    internal/plugin/mps.go; dra-driver-nvidia-gpu cmd/gpu-kubelet-plugin/sharing.go). The
+    kubelet mounts a pod's own volumes after the plugin's, so an emptyDir there would hide it
+    (kubernetes pkg/kubelet/kubelet_pods.go): such pods (`own_shm=False`) declare none.
+    """
+    volumes, mounts = [{"name": "tmp", "emptyDir": {}}], [{"name": "tmp", "mountPath": "/tmp"}]
+    if own_shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     source = spec.model.volume
     if source is not None:
         if source.host_path:
@@ -158,16 +177,10 @@ def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[st
         args += ["--revision", model.revision]
     if plan.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(plan.gpu_memory_utilization)]
+    if plan.kv_cache_memory_bytes is not None:
+        # A fixed KV cache (vLLM >= 0.10.2): no replica sizes itself from what its neighbours hold.
+        args += ["--kv-cache-memory-bytes", str(plan.kv_cache_memory_bytes)]
     return args + list(spec.engine.extra_args)
-
-
-def mps_env(plan: Plan) -> list[dict]:
-    if plan.mps_active_thread_percentage is None:
-        return []
-    env = [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(plan.mps_active_thread_percentage)}]
-    if plan.mps_pinned_memory_limit_mib:
-        env.append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": f"0={plan.mps_pinned_memory_limit_mib}M"})
-    return env
 
 
 # ---------------------------------------------------------------- SLMDeployment children
@@ -177,8 +190,11 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
                       claim: str | None = None) -> dict:
     """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right.
 
-    Under DRA every pod names the pack's ResourceClaim `claim` (core/dra.py)."""
-    volumes, mounts = scratch_volumes(spec)
+    No CUDA_MPS_* env: the MPS limits are the daemon's defaults (memory/R and 100/R % under the
+    device plugin, the claim's settings under DRA), which the clients get without asking.
+    Under DRA every pod names the pack's ResourceClaim `claim` (core/dra.py).
+    """
+    volumes, mounts = scratch_volumes(spec, own_shm=not mps_client(spec, node))
     resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
     pod_spec: dict = {
         "securityContext": pod_security_context(),
@@ -200,7 +216,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec) + mps_env(plan),
+        "env": base_env(spec),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
@@ -287,10 +303,15 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
 
 def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spec: SLMDeploymentSpec,
                         node: GPUNode | None, backoff_limit: int = 2, claim_template: str | None = None) -> dict:
-    """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status.
+    """The Job that measures the model on a matching node and writes the SLMProfile status.
 
-    Under DRA the GPU comes from the ResourceClaimTemplate `claim_template` (core/dra.py)."""
-    volumes, mounts = scratch_volumes(spec)
+    It requests one slot, as a replica does: the device plugin refuses more than one under MPS
+    ("maximum request size for shared resources is 1", NVIDIA/k8s-device-plugin internal/rm/rm.go),
+    and as an MPS client of the plugin every process in the pod gets the replicas' memory/R and
+    100/R % caps, so it measures the regime that is deployed. Under DRA the GPU comes from the
+    ResourceClaimTemplate `claim_template` (core/dra.py) and no device-plugin resource is requested.
+    """
+    volumes, mounts = scratch_volumes(spec, own_shm=not mps_client(spec, node))
     # The Job runs up to maxReplicas engines at once, so the per-replica memory limit is not its own.
     limits = {k: v for k, v in spec.resources.limits.items() if k != "memory"}
     resources = {"requests": dict(spec.resources.requests), "limits": limits}
@@ -299,9 +320,7 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
         pod_claims = {"resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": claim_template}]}
         resources["claims"] = [{"name": "gpu"}]
     else:
-        # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
-        gpu_slots = node.sharing_slots if node else 1
-        resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
+        resources["limits"][spec.gpu.resource_name] = "1"
     labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: profile_owner.name, **MANAGED_BY}
     return {
         "apiVersion": "batch/v1",
