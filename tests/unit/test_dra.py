@@ -121,6 +121,13 @@ def test_a_mig_device_is_not_taken_for_a_full_gpu():
     assert chosen(claim) == ["h100-node/gpu-0"]
 
 
+def test_a_selector_on_one_gpus_identity_picks_it_among_identical_ones():
+    one = "device.attributes['gpu.nvidia.com'].uuid == 'GPU-6b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e'"
+    assert [f"{d.node}/{d.name}" for d in matching_devices([one], DEVICES)] == ["a100-node/gpu-1"]
+    bus = "device.attributes['resource.kubernetes.io'].pciBusID == '0000:07:00.0'"
+    assert [f"{d.node}/{d.name}" for d in matching_devices([bus], DEVICES)] == ["a100-node/gpu-0"]
+
+
 def test_the_plan_needs_a_gpu_with_memory_for_all_its_replicas():
     # Any product: the 40 GiB A100s and the 22 GiB L4 cannot hold 3 x 24467 MiB.
     claim = build_resource_claim(OWNER, spec(), PLAN, "resource.k8s.io/v1")
