@@ -378,6 +378,7 @@ def test_a_new_plan_gets_a_new_claim_the_pods_roll_over_and_the_old_claim_goes_w
     last = decide(body, cluster(profiles=profile, pods=moved,
                                 resource_claims=(released, as_stored(b, [p.name for p in moved]))), NOW)
     assert last.delete == [released]
+    assert ("ResourceClaimReleased", False) in [(e.reason, e.warning) for e in last.events]
     assert condition(last, "Available").status == "True"
 
 
@@ -418,6 +419,16 @@ def test_render_without_a_profile_prints_the_profiling_claim_template_and_job(ca
                                          "Job", "SLMDeployment"]
     for obj in docs[1:-1]:
         kubernetes_validate.validate(obj, "1.34", strict=True)  # the slice file's version, v1
+
+
+def test_render_reads_slices_as_kubectl_lists_them(capsys, tmp_path):
+    listed = tmp_path / "slices.yaml"
+    listed.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": slices()}))
+    code, docs, _ = render(capsys, "-f", EXAMPLE, "--resource-slice", listed, "--profile", PROFILE_FILE)
+    assert code == 0
+    # The files hold v1 and v1beta1 slices: the newest of those versions is written.
+    assert docs[0]["kind"] == "ResourceClaim" and docs[0]["apiVersion"] == "resource.k8s.io/v1"
+    assert chosen(docs[0]) == ["h100-node/gpu-0"]
 
 
 def test_render_says_when_the_cluster_serves_no_dra_version(capsys):

@@ -289,7 +289,10 @@ class _Decider:
             objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, None,
                                                                      claim["metadata"]["name"])]
             in_use = {name for pod in self.cluster.pods for name in pod.claims}
-            self.decision.delete += claims_to_delete(self.cluster.resource_claims, in_use, claim["metadata"]["name"])
+            for unused in claims_to_delete(self.cluster.resource_claims, in_use, claim["metadata"]["name"]):
+                self.decision.delete.append(unused)
+                self.decision.events.append(Event("ResourceClaimReleased", f"ResourceClaim {unused['metadata']['name']}"
+                                                  " of an earlier plan: no replica uses it, so it is deleted"))
         else:
             objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node)]
         self.decision.apply += objects
