@@ -261,12 +261,14 @@ class _Decider:
                 labels = {PROFILE_LABEL: name, **MANAGED_BY}
                 self.decision.create.append(build_profiling_claim_template(owner, spec, self.dra.api_version,
                                                                            labels))
+                template = profiling_claim_template_name(name)
                 self.decision.create.append(build_profiling_job(owner, conditions, spec, None,
-                                                                claim_template=profiling_claim_template_name(name)))
+                                                                claim_template=template))
+                where = f"on a GPU of ResourceClaimTemplate {template}"
             else:
                 self.decision.create.append(build_profiling_job(owner, conditions, spec, node))
-            self.decision.events.append(Event("ProfilingStarted",
-                                              f"profiling Job {job_name} started on node {node.name}"))
+                where = f"on node {node.name}"
+            self.decision.events.append(Event("ProfilingStarted", f"profiling Job {job_name} started {where}"))
         if (job is not None and job.failed) or measured.phase == "Failed":
             why = measured.message or (job.failure_message if job else "")
             self.status.profiling_phase = None
