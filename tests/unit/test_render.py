@@ -58,3 +58,21 @@ def test_the_output_is_plain_yaml_that_kubectl_would_read(capsys):
     deployment = list(yaml.safe_load_all(out))[-1]
     assert list(deployment["metadata"]) == ["name", "namespace"]
     assert deployment["status"]["replicaGPUs"] == []
+
+
+@pytest.mark.parametrize("example, node", [
+    ("slmdeployment.yaml", "h100-mps-r4-g1.yaml"),
+    ("slmdeployment-cpu.yaml", "h100-mps-r4-g1.yaml"),
+    ("slmdeployment-time-slicing.yaml", "h100-time-slicing-r4-g1.yaml"),
+])
+def test_every_example_renders_on_a_node_it_fits(example, node, capsys):
+    code, docs, err = render(capsys, "-f", ROOT / "examples" / example, "--node", NODES / node)
+    assert code == 0, err
+    assert docs[-1]["status"]["conditions"][0] == {**docs[-1]["status"]["conditions"][0], "type": "InvalidSpec",
+                                                   "status": "False"}
+
+
+def test_a_single_gpu_node_selector_keeps_the_pack_off_multi_gpu_nodes(capsys):
+    code, _, err = render(capsys, "-f", ROOT / "examples" / "slmdeployment-time-slicing.yaml",
+                          "--node", NODES / "h100-time-slicing-r4-g8.yaml")
+    assert code == 1 and "nvidia.com/gpu.count=1" in err

@@ -76,6 +76,10 @@ def test_every_pod_is_admissible_or_the_spec_is_refused_first(path, spec, measur
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert ("/dev/shm" in mounts) == (strategy != "mps")
         assert not [e for e in container["env"] if e["name"].startswith("CUDA_MPS_")]
+    for obj in objects:
+        if obj["kind"] == "Job":  # k co-located replicas are measured only up to what a pack may hold
+            args = obj["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert int(args[args.index("--max-replicas") + 1]) == min(4, slots)
     plan = decision.status.plan
     if plan is not None:
         assert plan.replicas <= slots
