@@ -6,18 +6,19 @@ apiserver's generic machinery serves the same for a built-in type and for a stan
 CustomResourceDefinition of the same group, version and name.
 """
 
+import contextlib
+import os
+
 import pytest
 from kopf.testing import KopfRunner
-from kubernetes import client
+from kubernetes import client, utils
 from kubernetes.client.rest import ApiException
+from kubernetes.config import kube_config
 
-import tests.integration.test_operator as operator_tests
 from slmpack.adapters.kube import Kube
-from tests.integration.test_operator import OPERATOR, deployment, wait
+from tests.integration.test_operator import OPERATOR, ROOT, Cluster, deployment, wait
 
 pytestmark = [pytest.mark.cluster]
-# The operator tests' fixtures: the CRDs, the profiler's role and the node's fake GPU; a Cluster per namespace.
-cluster, k = operator_tests.cluster, operator_tests.k
 
 CLAIMS = "resourceclaims.resource.k8s.io"
 # Only resourceclaims, so discovery of resource.k8s.io shows nothing else a DRA deployment would read.
@@ -39,7 +40,21 @@ def test_discovery_finds_no_resource_api_on_this_cluster(api_client):
     assert kube.served_versions("apps") == ["apps/v1"]
 
 
-@pytest.mark.node
+@pytest.fixture
+def k(kubeconfig, api_client, namespace):
+    """The CRDs served and the operator pointed at this cluster; no GPU node is needed under DRA."""
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
+    extensions = client.ApiextensionsV1Api(api_client)
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        with contextlib.suppress(utils.FailToCreateError):  # already there
+            utils.create_from_yaml(api_client, str(path))
+    wait(lambda: all(any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+                     for crd in extensions.list_custom_resource_definition(
+                         label_selector="app.kubernetes.io/part-of=slmpack").items), 60, "the CRDs")
+    return Cluster(api_client, namespace)
+
+
 def test_a_dra_deployment_on_a_cluster_without_dra_says_so_and_creates_nothing(k):
     with KopfRunner(OPERATOR) as runner:
         k.create(deployment("dra", placement="dra", engine={"device": "gpu"}))
