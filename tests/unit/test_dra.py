@@ -6,6 +6,7 @@ resource.k8s.io version (kubernetes-validate).
 """
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import kubernetes_validate
@@ -19,6 +20,7 @@ from slmpack.core.conditions import ReplicaState
 from slmpack.core.decide import ClusterSnapshot, decide, with_status
 from slmpack.core.dra import (
     InvalidSelector,
+    Quantity,
     build_profiling_claim_template,
     build_resource_claim,
     check_selector,
@@ -90,6 +92,18 @@ def test_devices_are_read_as_the_scheduler_shows_them():
     assert selects("device.capacity['gpu.nvidia.com'].memory.compareTo(quantity('80Gi')) < 0", gpu)
     assert selects("device.attributes['gpu.nvidia.com'].driverVersion.isGreaterThan(semver('550.0.0'))", gpu)
     assert not selects("device.attributes['gpu.nvidia.com'].cudaComputeCapability.isLessThan(semver('8.0.0'))", gpu)
+
+
+@pytest.mark.parametrize(("text", "bytes_"), [("81559Mi", 81559 * 2**20), ("40Gi", 40 * 2**30), ("1.5k", 1500),
+                                             ("12e3", 12000), (".5", 0.5), ("100m", 0.1)])
+def test_quantities_compare_by_amount_as_the_cel_quantity_library_does(text, bytes_):
+    assert Quantity(text).amount == Decimal(str(bytes_))
+
+
+@pytest.mark.parametrize("text", ["1.2.3", "12 Mi", "Mi", "1Zi"])
+def test_a_malformed_quantity_is_refused_by_name(text):
+    with pytest.raises(ValueError, match="is not a Kubernetes quantity"):
+        Quantity(text)
 
 
 # ---------------------------------------------------------------- selectors
