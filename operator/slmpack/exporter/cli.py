@@ -25,6 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "each instead of NVML")
     parser.add_argument("--fake-deployment", default="demo", metavar="[NAMESPACE/]NAME",
                         help="the SLMDeployment the fake pods belong to")
+    parser.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock",
+                        help="the kubelet's PodResources API, to annotate engine pods with their GPU UUIDs")
+    parser.add_argument("--annotate-interval-seconds", type=float, default=15.0,
+                        help="how often engine pods get the slmpack.dev/gpu-uuids annotation checked; 0: never")
     parser.add_argument("--forget-after-seconds", type=float, default=600.0,
                         help="drop the energy series of a pod gone this long (keeps cardinality bounded; longer "
                              "than Prometheus' scrape interval and rate window)")
@@ -45,6 +49,24 @@ def build_collector(args: argparse.Namespace):
 
     pods = PodDirectory(kubelet_pods(args.node_name)) if args.node_name else None
     return GpuCollector(NvmlSource(), pods, forget_after_s=args.forget_after_seconds)
+
+
+def start_annotator(args: argparse.Namespace) -> None:
+    """Annotate this node's engine pods with their GPUs, in the background (needs --node-name)."""
+    import threading
+    from pathlib import Path
+
+    from slmpack.exporter.gpu_annotations import GpuAnnotator, engine_pods_api, pod_resources_lister
+
+    socket = Path(args.pod_resources_socket)
+    if args.fake_devices or not args.node_name or args.annotate_interval_seconds <= 0:
+        return
+    if not socket.exists():
+        log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, "slmpack.dev/gpu-uuids")
+        return
+    annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
+    threading.Thread(target=annotator.run, args=(args.annotate_interval_seconds, threading.Event()),
+                     name="gpu-annotator", daemon=True).start()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     # One thread per connection: a slow client does not hold up the next scrape or /healthz.
     server = make_server(args.address, args.port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
     list(registry.collect())  # read once now, so a missing GPU is logged at start
+    start_annotator(args)
     log.info("serving /metrics and /healthz on %s:%d (NVML %s)", args.address, args.port,
              "up" if collector.nvml_up else f"down: {collector.last_error}")
     server.serve_forever()
