@@ -17,5 +17,5 @@ cluster-down: ## stop the cluster and undo every host change it made
 cluster-status:
 	$(CLUSTER) status
 
-fake-gpu: ## give the node a fake nvidia.com/gpu inventory and NVIDIA's GPU labels
-	PYTHONPATH=operator $(PYTHON) -m tests.fixtures.fake_gpu --kubeconfig .cluster/kubeconfig
+fake-gpu: ## (re)start the emulated NVIDIA device plugin with the SLMPACK_GPU* settings (e2e/cluster/README.md)
+	PYTHON=$(PYTHON) $(CLUSTER) gpu
