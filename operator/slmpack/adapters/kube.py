@@ -109,6 +109,13 @@ class Kube:
         return self.custom.list_namespaced_custom_object(
             API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
 
+    def profiles(self, namespace: str) -> list[dict]:
+        return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmprofiles")["items"]
+
+    def jobs(self, namespace: str, label: str) -> list[client.V1Job]:
+        """The Jobs of the namespace that carry `label`."""
+        return self.batch.list_namespaced_job(namespace, label_selector=label).items
+
     def get_deployment(self, namespace: str, name: str) -> dict | None:
         return self._get_custom(namespace, "slmdeployments", name)
 
