@@ -7,7 +7,8 @@ ListAndWatch, GetDevicePluginOptions, GetPreferredAllocation, Allocate and PreSt
 Only the GPUs are missing: the kubelet, its admission and the containers are real.
 
 What it follows in NVIDIA/k8s-device-plugin (v0.20):
-- internal/rm/device_map.go: a shared GPU becomes R devices `<uuid>::<replica>`;
+- internal/rm/device_map.go and api/config/v1/replicas.go: a shared GPU becomes R >= 2 devices
+  `<uuid>::<replica>`;
   capacity is count x R.
 - internal/rm/rm.go (ValidateRequest): under MPS (failRequestsGreaterThanOne defaults to
   true) a container asking for more than one replica is refused, "maximum request size for
