@@ -64,7 +64,11 @@ def start_annotator(args: argparse.Namespace) -> None:
     if not socket.exists():
         log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, "slmpack.dev/gpu-uuids")
         return
-    annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
+    try:
+        annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
+    except Exception as error:  # no compiled stubs, no API credentials: metrics still serve
+        log.warning("engine pods get no GPU annotation: %s", error)
+        return
     threading.Thread(target=annotator.run, args=(args.annotate_interval_seconds, threading.Event()),
                      name="gpu-annotator", daemon=True).start()
 
