@@ -275,7 +275,10 @@ class Plugin:
                 self.stopped.wait(2)
                 continue
             if on_registered:
-                on_registered()
+                try:
+                    on_registered()
+                except Exception as error:  # the API away: the kubelet still has the devices
+                    log.warning("could not label the node: %s", error)
             while not self.stopped.wait(1) and self.socket.exists():
                 pass
             self.server.stop(1)
@@ -332,8 +335,8 @@ def main() -> None:
     try:
         plugin.run(on_registered=lambda: labels.write(node.labels()))
     finally:
-        labels.clear()
         log.info("stopped after %d Allocate calls", plugin.allocations)
+        labels.clear()
 
 
 if __name__ == "__main__":
