@@ -188,7 +188,7 @@ gpu_plugin() { # the emulated NVIDIA device plugin and GFD labels, settings from
   local logfile=$DIR/logs/nvidia-device-plugin.log; mkdir -p "$DIR/logs"
   local before; before=$(grep -c "registered nvidia.com/gpu" "$logfile" 2>/dev/null || true)
   start nvidia-device-plugin env PYTHONPATH="$ROOT/operator:$ROOT" "${PYTHON:-python3}" -m e2e.cluster.nvidia_device_plugin \
-    --kubelet-root "$DIR/kubelet" --kubeconfig "$DIR/kubeconfig" --node localhost --mps-root "$DIR/nvidia-mps"
+    --kubeconfig "$DIR/kubeconfig" --node localhost --mps-root "$DIR/nvidia-mps"
   wait_for 60 "the emulated device plugin to register" \
     sh -c "[ \$(grep -c 'registered nvidia.com/gpu' '$logfile') -gt ${before:-0} ]" \
     || { tail -5 "$logfile" >&2; return 1; }

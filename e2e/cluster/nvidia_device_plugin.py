@@ -31,14 +31,21 @@ What it follows in NVIDIA/k8s-device-plugin (v0.20):
   name with characters outside `A-Za-z0-9-_. ` dropped and spaces turned into `-`, plus
   `-SHARED` when R > 1; `.replicas` is R, `.sharing-strategy` is `none` unless R > 1, `.count`
   counts physical GPUs, `.memory` is MiB; `nvidia.com/mps.capable` is true only under MPS.
-  They are written to the Node through the API, as GFD does through NFD.
+  They are written to the Node through the API, as GFD does through NFD, and written again
+  where they drifted every --label-interval (GFD's --sleep-interval, 60 s by default:
+  cmd/gpu-feature-discovery/main.go).
 
 Settings (flags, or the environment variables that e2e/cluster/cluster.sh passes on):
 SLMPACK_GPUS, SLMPACK_GPU_SHARING, SLMPACK_GPU_REPLICAS, SLMPACK_GPU_PRODUCT,
 SLMPACK_GPU_MEMORY_MIB, SLMPACK_GPU_ALLOCATION_POLICY.
 
-    PYTHONPATH=operator python -m e2e.cluster.nvidia_device_plugin --kubelet-root .cluster/kubelet \
-        --kubeconfig .cluster/kubeconfig --gpus 2 --sharing mps --replicas 4
+    PYTHONPATH=operator python -m e2e.cluster.nvidia_device_plugin --kubeconfig .cluster/kubeconfig \
+        --mps-root .cluster/nvidia-mps --gpus 2 --sharing mps --replicas 4
+
+Kubelet 1.20 serves the registration socket at the fixed /var/lib/kubelet/device-plugins/,
+whatever its --root-dir (kubernetes/kubernetes:staging/src/k8s.io/kubelet/pkg/apis/deviceplugin/
+v1beta1/constants.go, DevicePluginPath, used by pkg/kubelet/cm/devicemanager/manager.go), so
+that is the default of --plugin-dir.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ SOCKET = "nvidia-gpu.sock"  # "nvidia-" + the resource's name part, as getPlugin
 SHARING = ("none", "mps", "time-slicing")
 POLICIES = ("distributed", "packed")
 MPS_CONTAINER_ROOT = "/mps"
+DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")  # pluginapi.DevicePluginPath in kubelet 1.20
+MPS_HOST_ROOT = Path("/run/nvidia/mps")  # the plugin's default mps.root
 LABEL_PREFIX = "nvidia.com/"
 H100 = ("NVIDIA H100 80GB HBM3", 81559)
 
@@ -187,7 +196,7 @@ def gpu_uuid(device_id: str) -> str:
 class Plugin:
     """The gRPC shell around GpuNode: serves the plugin socket and registers with the kubelet."""
 
-    def __init__(self, node: GpuNode, kubelet_root: Path, mps_root: Path) -> None:
+    def __init__(self, node: GpuNode, plugins_dir: Path, mps_root: Path) -> None:
         import grpc
 
         from slmpack.adapters.kubelet_api import load
@@ -195,7 +204,7 @@ class Plugin:
         self.grpc = grpc
         self.pb, self.services = load("deviceplugin_v1beta1")
         self.node, self.mps_root = node, mps_root
-        self.plugins_dir = kubelet_root / "device-plugins"
+        self.plugins_dir = plugins_dir
         self.socket = self.plugins_dir / SOCKET
         self.stopped = threading.Event()
         self.server = None
@@ -275,10 +284,7 @@ class Plugin:
                 self.stopped.wait(2)
                 continue
             if on_registered:
-                try:
-                    on_registered()
-                except Exception as error:  # the API away: the kubelet still has the devices
-                    log.warning("could not label the node: %s", error)
+                on_registered()
             while not self.stopped.wait(1) and self.socket.exists():
                 pass
             self.server.stop(1)
@@ -298,9 +304,22 @@ class NodeLabels:
         self.node = node
 
     def write(self, labels: dict[str, str]) -> None:
+        """Make the node's nvidia.com/ labels exactly these (a no-op when they are)."""
         current = self.api.read_node(self.node).metadata.labels or {}
         stale = {k: None for k in current if k.startswith(LABEL_PREFIX) and k not in labels}
-        self.api.patch_node(self.node, {"metadata": {"labels": {**stale, **labels}}})
+        changed = {k: v for k, v in labels.items() if current.get(k) != v}
+        if stale or changed:
+            self.api.patch_node(self.node, {"metadata": {"labels": {**stale, **changed}}})
+
+    def keep(self, labels: dict[str, str], interval_s: float, stop: threading.Event) -> None:
+        """Write the labels now and again every interval, as GFD relabels after each sleep."""
+        while True:
+            try:
+                self.write(labels)
+            except Exception as error:  # the API away: the kubelet still has the devices
+                log.warning("could not label the node: %s", error)
+            if stop.wait(interval_s):
+                return
 
     def clear(self) -> None:
         self.write({})
@@ -308,17 +327,20 @@ class NodeLabels:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kubelet-root", type=Path, required=True, help="the kubelet's --root-dir")
+    parser.add_argument("--plugin-dir", type=Path, default=DEVICE_PLUGIN_DIR,
+                        help=f"the kubelet's device-plugins directory (default {DEVICE_PLUGIN_DIR})")
     parser.add_argument("--kubeconfig", help="for the node labels (default: in-cluster or ~/.kube/config)")
     parser.add_argument("--node", default="localhost", help="this node's name")
-    parser.add_argument("--mps-root", type=Path, help="host dir of the MPS pipe and shm (default: "
-                        "<kubelet root>/../nvidia-mps)")
+    parser.add_argument("--mps-root", type=Path, default=MPS_HOST_ROOT,
+                        help=f"host dir of the MPS pipe and shm (default {MPS_HOST_ROOT}, as the plugin's mps.root)")
     parser.add_argument("--gpus", type=int, help="G, physical GPUs (SLMPACK_GPUS, default 1)")
     parser.add_argument("--sharing", choices=SHARING, help="SLMPACK_GPU_SHARING (default mps)")
     parser.add_argument("--replicas", type=int, help="R, replicas per GPU (SLMPACK_GPU_REPLICAS, default 4; 1 "
                         "without sharing)")
     parser.add_argument("--product", help="NVML name (SLMPACK_GPU_PRODUCT, default 'NVIDIA H100 80GB HBM3')")
     parser.add_argument("--memory-mib", type=int, help="per GPU (SLMPACK_GPU_MEMORY_MIB, default 81559)")
+    parser.add_argument("--label-interval", type=float, default=60.0,
+                        help="seconds between checks of the node labels (GFD's --sleep-interval, default 60)")
     parser.add_argument("--policy", choices=POLICIES, help="shared devices allocation policy "
                         "(SLMPACK_GPU_ALLOCATION_POLICY, default distributed)")
     args = parser.parse_args()
@@ -328,14 +350,19 @@ def main() -> None:
                                 memory_mib=args.memory_mib, policy=args.policy, node=args.node)
     except ValueError as error:
         parser.error(str(error))
-    plugin = Plugin(node, args.kubelet_root, args.mps_root or args.kubelet_root.parent / "nvidia-mps")
+    plugin = Plugin(node, args.plugin_dir, args.mps_root)
     labels = NodeLabels(args.kubeconfig, args.node)
     signal.signal(signal.SIGTERM, plugin.stop)
     signal.signal(signal.SIGINT, plugin.stop)
+    labelling = threading.Thread(target=labels.keep, args=(node.labels(), args.label_interval, plugin.stopped),
+                                 daemon=True)
     try:
-        plugin.run(on_registered=lambda: labels.write(node.labels()))
+        plugin.run(on_registered=lambda: labelling.is_alive() or labelling.start())
     finally:
         log.info("stopped after %d Allocate calls", plugin.allocations)
+        plugin.stop()
+        if labelling.is_alive():
+            labelling.join(10)
         labels.clear()
 
 

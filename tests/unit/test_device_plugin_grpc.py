@@ -35,7 +35,7 @@ def plugin_channel(tmp_path):
     services.add_RegistrationServicer_to_server(registrations, kubelet)
     kubelet.add_insecure_port(f"unix://{plugins / 'kubelet.sock'}")
     kubelet.start()
-    plugin = Plugin(GpuNode(gpus=2, sharing="mps", replicas=2), tmp_path / "kubelet", tmp_path / "mps")
+    plugin = Plugin(GpuNode(gpus=2, sharing="mps", replicas=2), plugins, tmp_path / "mps")
     runner = threading.Thread(target=plugin.run, daemon=True)
     runner.start()
     assert registrations.arrived.wait(10), "the plugin never registered"
