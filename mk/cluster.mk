@@ -1,7 +1,7 @@
 CLUSTER := e2e/cluster/cluster.sh
 KUBECTL := $(HOME)/.cache/slmpack/k8s-1.20.2/bin/kubectl --kubeconfig .cluster/kubeconfig
 
-.PHONY: k8s-binaries cluster-api cluster-up cluster-down cluster-status fake-gpu
+.PHONY: k8s-binaries cluster-api cluster-up cluster-down cluster-status fake-gpu protos
 k8s-binaries: system-deps ## build Kubernetes 1.20.2 from Debian's source, once (~9 min cold)
 	e2e/cluster/build-k8s.sh
 
@@ -17,5 +17,8 @@ cluster-down: ## stop the cluster and undo every host change it made
 cluster-status:
 	$(CLUSTER) status
 
-fake-gpu: ## give the node a fake nvidia.com/gpu inventory and NVIDIA's GPU labels
-	PYTHONPATH=operator $(PYTHON) -m tests.fixtures.fake_gpu --kubeconfig .cluster/kubeconfig
+protos: k8s-binaries ## compile the kubelet's device-plugin and PodResources protos into operator/slmpack/adapters/_kubelet
+	PYTHONPATH=operator $(PYTHON) -m slmpack.adapters.kubelet_api
+
+fake-gpu: ## (re)start the emulated NVIDIA device plugin with the SLMPACK_GPU* settings (e2e/cluster/README.md)
+	PYTHON=$(PYTHON) $(CLUSTER) gpu

@@ -2,7 +2,7 @@ IMAGES := e2e/cluster/images.sh
 IMAGE_TAGS := slmpack/operator:0.1.0 slmpack/exporter:0.1.0 slmpack/engine-cpu:0.1.0
 
 .PHONY: images images-import
-images: system-deps ## build the project's images from images/ with buildah, cached as tars (no registry)
+images: system-deps protos ## build the project's images from images/ with buildah, cached as tars (no registry)
 	$(IMAGES) base
 	TARGET=operator $(IMAGES) build slmpack/operator:0.1.0 images/slmpack.Dockerfile .
 	TARGET=exporter $(IMAGES) build slmpack/exporter:0.1.0 images/slmpack.Dockerfile .

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.engine",
+    "tests.fixtures.gpu_node",
 ]

@@ -5,6 +5,8 @@
 #   cluster.sh up     the control plane plus a node: containerd, kubelet, kube-proxy, CNI bridge
 #   cluster.sh down   stop every process this script started (by PID) and undo every host change
 #   cluster.sh status what runs
+#   cluster.sh gpu    (re)start the emulated NVIDIA device plugin with the SLMPACK_GPU* settings
+#                     (`up` starts it too; SLMPACK_GPUS=0 leaves the node without GPUs)
 #
 # All state lives in $CLUSTER_DIR (default .cluster/ in the repository root). Pods and
 # services get addresses on the bridge slmpack0 only, so test traffic never leaves the machine.
@@ -180,6 +182,19 @@ node() {
     -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
 }
 
+gpu_plugin() { # the emulated NVIDIA device plugin and GFD labels, settings from SLMPACK_GPU* (README)
+  stop nvidia-device-plugin
+  [ "${SLMPACK_GPUS:-1}" = 0 ] && { log "SLMPACK_GPUS=0: no emulated GPUs"; return 0; }
+  local logfile=$DIR/logs/nvidia-device-plugin.log; mkdir -p "$DIR/logs"
+  local before; before=$(grep -c "registered nvidia.com/gpu" "$logfile" 2>/dev/null || true)
+  start nvidia-device-plugin env PYTHONPATH="$ROOT/operator:$ROOT" "${PYTHON:-python3}" -m e2e.cluster.nvidia_device_plugin \
+    --kubeconfig "$DIR/kubeconfig" --node localhost --mps-root "$DIR/nvidia-mps"
+  wait_for 60 "the emulated device plugin to register" \
+    sh -c "[ \$(grep -c 'registered nvidia.com/gpu' '$logfile') -gt ${before:-0} ]" \
+    || { tail -5 "$logfile" >&2; return 1; }
+  log "emulated GPUs: $(grep 'registered nvidia.com/gpu' "$logfile" | tail -1 | sed 's/.*registered //')"
+}
+
 stop() { # stop NAME: TERM, then KILL after 10 s, only the PID this script started
   local file; file=$(pidfile "$1")
   [ -f "$file" ] || return 0
@@ -193,7 +208,7 @@ stop() { # stop NAME: TERM, then KILL after 10 s, only the PID this script start
 }
 
 down() {
-  for name in kube-proxy kubelet; do stop "$name"; done
+  for name in nvidia-device-plugin kube-proxy kubelet; do stop "$name"; done
   if [ -S "$DIR/containerd/containerd.sock" ] && running containerd; then
     # Pod sandboxes and their shims outlive containerd unless removed through it.
     for task in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s KILL "$task" 2>/dev/null || true; done
@@ -231,16 +246,18 @@ down() {
 }
 
 status() {
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy \
+    nvidia-device-plugin; do
     if running "$name"; then echo "$name running (pid $(cat "$(pidfile "$name")"))"; else echo "$name stopped"; fi
   done
 }
 
 case "${1:-}" in
   api) control_plane; log "control plane ready: KUBECONFIG=$DIR/kubeconfig" ;;
-  up) control_plane; node; log "node Ready: KUBECONFIG=$DIR/kubeconfig" ;;
+  up) control_plane; node; gpu_plugin; log "node Ready: KUBECONFIG=$DIR/kubeconfig" ;;
+  gpu) gpu_plugin ;;
   down) down ;;
   status) status ;;
   ctr) shift; ctr_ "$@" ;;
-  *) echo "usage: $0 api|up|down|status|ctr ARGS" >&2; exit 2 ;;
+  *) echo "usage: $0 api|up|down|status|gpu|ctr ARGS" >&2; exit 2 ;;
 esac

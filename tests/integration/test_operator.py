@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e.cluster.nvidia_device_plugin import GpuNode
 from kopf.testing import KopfRunner
 from kubernetes import client, utils
 from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
-
-from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
@@ -25,7 +24,7 @@ PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterR
 
 
 @pytest.fixture(scope="module")
-def cluster(node_kubeconfig, api_client):
+def cluster(node_kubeconfig, api_client, emulated_plugin):
     os.environ["KUBECONFIG"] = str(node_kubeconfig)
     # kopf logs in through the client library, which read KUBECONFIG when it was imported.
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
@@ -43,10 +42,7 @@ def cluster(node_kubeconfig, api_client):
         if error.status != 409:
             raise
         created_role = False  # the chart's, on a cluster where slmpack is installed
-    core = client.CoreV1Api(api_client)
-    advertise(core, replicas=4)
-    wait(lambda: core.read_node("localhost").status.allocatable.get("nvidia.com/gpu") == "4", 60,
-         "the fake GPU on the node")
+    emulated_plugin.start(GpuNode(sharing="mps", replicas=4))  # returns once the node shows 4 nvidia.com/gpu
     wait(lambda: all(c.status.conditions and any(x.type == "Established" and x.status == "True"
                                                  for x in c.status.conditions)
                      for c in client.ApiextensionsV1Api(api_client).list_custom_resource_definition(

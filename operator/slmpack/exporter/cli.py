@@ -25,29 +25,59 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "each instead of NVML")
     parser.add_argument("--fake-deployment", default="demo", metavar="[NAMESPACE/]NAME",
                         help="the SLMDeployment the fake pods belong to")
+    parser.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock",
+                        help="the kubelet's PodResources API, to annotate engine pods with their GPU UUIDs")
+    parser.add_argument("--annotate-interval-seconds", type=float, default=15.0,
+                        help="how often engine pods get the slmpack.dev/gpu-uuids annotation checked; 0: never")
+    parser.add_argument("--forget-after-seconds", type=float, default=600.0,
+                        help="drop the energy series of a pod gone this long (keeps cardinality bounded; longer "
+                             "than Prometheus' scrape interval and rate window)")
 
 
 def build_collector(args: argparse.Namespace):
     from slmpack.exporter.collector import GpuCollector
+    from slmpack.exporter.nvml import NvmlSource
 
     if args.fake_devices:
-        from slmpack.exporter.fake import FakePods, fake_node
+        from slmpack.exporter.fake import FakeNvml, FakePods, fake_node
 
         gpus, _, per_gpu = args.fake_devices.partition(":")
         namespace, _, name = args.fake_deployment.rpartition("/")
         node = fake_node(int(gpus), int(per_gpu or 1), namespace or "default", name)
-        return GpuCollector(node, FakePods(node))
-    from slmpack.exporter.nvml import NvmlSource
+        return GpuCollector(NvmlSource(FakeNvml(node)), FakePods(node), forget_after_s=args.forget_after_seconds)
     from slmpack.exporter.pods import PodDirectory, kubelet_pods
 
     pods = PodDirectory(kubelet_pods(args.node_name)) if args.node_name else None
-    return GpuCollector(NvmlSource(), pods)
+    return GpuCollector(NvmlSource(), pods, forget_after_s=args.forget_after_seconds)
+
+
+def start_annotator(args: argparse.Namespace) -> None:
+    """Annotate this node's engine pods with their GPUs, in the background (needs --node-name)."""
+    import threading
+    from pathlib import Path
+
+    from slmpack.exporter.gpu_annotations import GpuAnnotator, engine_pods_api, pod_resources_lister
+
+    socket = Path(args.pod_resources_socket)
+    if args.fake_devices or not args.node_name or args.annotate_interval_seconds <= 0:
+        return
+    if not socket.exists():
+        log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, "slmpack.dev/gpu-uuids")
+        return
+    try:
+        annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
+    except Exception as error:  # no compiled stubs, no API credentials: metrics still serve
+        log.warning("engine pods get no GPU annotation: %s", error)
+        return
+    threading.Thread(target=annotator.run, args=(args.annotate_interval_seconds, threading.Event()),
+                     name="gpu-annotator", daemon=True).start()
 
 
 def run(args: argparse.Namespace) -> int:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client import CollectorRegistry, make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
 
     registry = CollectorRegistry()
     collector = build_collector(args)
@@ -65,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
         def log_message(self, *_):  # one line per scrape is noise
             pass
 
-    server = make_server(args.address, args.port, app, handler_class=QuietHandler)
+    # One thread per connection: a slow client does not hold up the next scrape or /healthz.
+    server = make_server(args.address, args.port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
     list(registry.collect())  # read once now, so a missing GPU is logged at start
+    start_annotator(args)
     log.info("serving /metrics and /healthz on %s:%d (NVML %s)", args.address, args.port,
              "up" if collector.nvml_up else f"down: {collector.last_error}")
     server.serve_forever()

@@ -2,18 +2,23 @@
 
 No polling thread and no cache of readings: each scrape calls the device source once.
 The only state is the per-pod energy ledger, which must persist for its counters to be
-counters. Names follow DCGM's fields under the `slmpack_` prefix, in base units.
+counters; it forgets pods gone for a grace period, so cardinality stays bounded. Scrapes
+may come concurrently (a threaded server, two Prometheus replicas): one runs at a time.
+Every family keeps one label set for its whole life. Names follow DCGM's fields under the
+`slmpack_` prefix, in base units.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from slmpack.core.attribution import EnergyLedger
+from slmpack.core.attribution import SHARES, EnergyLedger
 from slmpack.exporter.nvml import DeviceSource, SourceDown
 from slmpack.exporter.pods import UNKNOWN, PodDirectory, PodRef
 
@@ -38,20 +43,30 @@ GPU_GAUGES = [
 
 class GpuCollector(Collector):
     def __init__(self, source: DeviceSource | None, pods: PodDirectory | None,
-                 source_error: str | None = None) -> None:
+                 source_error: str | None = None, forget_after_s: float = 600.0, clock=time.monotonic) -> None:
         self.source, self.pods = source, pods
         self.source_error = source_error  # why there is no source at all
-        self.ledger = EnergyLedger()
+        self.ledger = EnergyLedger(forget_after_s=forget_after_s)
+        self.clock = clock
         self.nvml_up = False
         self.last_error: str | None = source_error
         self._logged_down = False
+        self._lock = threading.Lock()
 
     def describe(self):
         return []  # families are built at scrape time
 
     def collect(self):
+        with self._lock:
+            return list(self._collect())
+
+    def _collect(self):
         up = GaugeMetricFamily("slmpack_exporter_nvml_up", "1 when NVML answered this scrape, 0 when not.")
         info = InfoMetricFamily("slmpack_exporter_nvml", "Why NVML did not answer, when it did not.")
+        lookup_errors = CounterMetricFamily("slmpack_exporter_pod_lookup_errors",
+                                            "Failed or timed-out lists of this node's pods (the last list is kept).")
+        lookup_errors.add_metric([], getattr(self.pods, "errors", 0))
+        yield lookup_errors
         try:
             if self.source is None:
                 raise SourceDown(self.source_error or "no device source")
@@ -91,6 +106,7 @@ class GpuCollector(Collector):
     def _pod_families(self, snapshot):
         gpus = {g.index: g for g in snapshot.gpus}
         memory = defaultdict(float)
+        # Per GPU and pod: the SM percent of its processes summed; None once one of them is unknown.
         utilization: dict[str, dict[PodRef, float | None]] = defaultdict(dict)
         for process in snapshot.processes:
             gpu = gpus.get(process.gpu_index)
@@ -107,20 +123,36 @@ class GpuCollector(Collector):
                                  "GPU memory used by a pod's processes, in bytes.", labels=POD_LABELS)
         presence = GaugeMetricFamily("slmpack_pod_gpu_info", "1 for each pod with processes on a GPU.",
                                      labels=POD_LABELS)
+        sm = GaugeMetricFamily("slmpack_pod_gpu_sm_utilization_ratio",
+                               "SM utilization of a pod's processes since the previous scrape, 0 to 1; 0 when idle, "
+                               "absent where the GPU does not report it per process.", labels=POD_LABELS)
         for (index, uuid, ref), value in sorted(memory.items(), key=lambda kv: (kv[0][0], kv[0][2].pod)):
             labels = [str(index), uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment]
             used.add_metric(labels, value)
             presence.add_metric(labels, 1)
-        yield from (used, presence)
+            percent = utilization[uuid][ref]
+            if percent is not None:
+                sm.add_metric(labels, percent / 100)
+        yield from (used, presence, sm)
 
-        energy = CounterMetricFamily(
-            "slmpack_pod_gpu_energy_joules", "A pod's share of its GPU's energy, in joules; `method` says how it "
-            "was split (process_utilization or equal_share).", labels=[*POD_LABELS, "method"])
+        now = self.clock()
         for gpu in snapshot.gpus:
-            method = self.ledger.record(gpu.uuid, gpu.energy_joules_total,
-                                        {(gpu.uuid, ref): u for ref, u in utilization.get(gpu.uuid, {}).items()})
-            for (uuid, ref), joules in sorted(self.ledger.counters.items(), key=lambda kv: kv[0][1].pod):
-                if uuid == gpu.uuid:
-                    energy.add_metric([str(gpu.index), uuid, ref.namespace, ref.pod, ref.container,
-                                       ref.slmdeployment, method], joules)
-        yield energy
+            self.ledger.record(gpu.uuid, gpu.energy_joules_total,
+                               {(gpu.uuid, ref): u for ref, u in utilization.get(gpu.uuid, {}).items()}, now)
+        self.ledger.forget(now)
+        index_of = {g.uuid: str(g.index) for g in snapshot.gpus}
+        energy = CounterMetricFamily(
+            "slmpack_pod_gpu_energy_joules", "A pod's share of its GPU's energy, in joules (split by SM utilization "
+            "where known, else equally; slmpack_gpu_energy_split_joules says how).", labels=POD_LABELS)
+        for (uuid, ref), joules in sorted(self.ledger.counters.items(), key=lambda kv: (kv[0][0], kv[0][1].pod)):
+            if uuid in index_of:
+                energy.add_metric([index_of[uuid], uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment],
+                                  joules)
+        split = CounterMetricFamily(
+            "slmpack_gpu_energy_split_joules", "A GPU's energy since the exporter started, by how it was split: "
+            f"{', '.join(SHARES)} (no pod on the GPU). The three add up to the GPU's energy.",
+            labels=["gpu", "uuid", "share"])
+        for gpu in snapshot.gpus:
+            for share in SHARES:
+                split.add_metric([str(gpu.index), gpu.uuid, share], self.ledger.by_share.get((gpu.uuid, share), 0.0))
+        yield from (energy, split)

@@ -1,8 +1,19 @@
 """The NVML boundary: one call returns what the exporter reads of the GPUs, as plain data.
 
-`NvmlSource` is the real path (nvidia-ml-py). Anything that is not a GPU read stays
-out of here, so the fake in `fake.py` can stand in for it where no GPU exists.
-A failing device is skipped; a reading a device does not support is None.
+`NvmlSource` reads through the `pynvml` module (nvidia-ml-py), or through any object with
+the same functions: `fake.FakeNvml` stands in for it where no GPU exists, so everything
+here runs in tests. A failing device is skipped; a reading a device does not support is None.
+
+Who is a tenant: under MPS the server owns the GPU context, so the compute-process list
+shows `nvidia-cuda-mps-server`, and the clients (each with its own memory) come from the
+MPS list (https://docs.nvidia.com/deploy/mps/, "Tools and Interfaces"). The server runs in
+the device plugin's MPS daemon pod and is never a tenant.
+
+Per-process SM utilization comes from `nvmlDeviceGetProcessUtilization` with the last
+timestamp seen on that device, so each read covers the time since the previous one
+(timestamp 0 would return the whole sample buffer). A process with no sample in that
+window, or NOT_FOUND (nothing newer), was idle: 0 %, not unknown. NOT_SUPPORTED (MIG, some
+boards) leaves it unknown (None). go-nvml's nvml.h documents these returns.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ class ProcessReading:
     pid: int
     gpu_index: int
     used_memory_bytes: int | None
-    sm_utilization_percent: float | None = None  # None where NVML does not answer per-process utilization
+    sm_utilization_percent: float | None = None  # 0 when idle; None where NVML does not answer it
 
 
 @dataclass(frozen=True)
@@ -50,14 +61,20 @@ class DeviceSource(Protocol):
     def read(self) -> Snapshot: ...
 
 
+MPS_SERVER = "nvidia-cuda-mps-server"
+
+
 class NvmlSource:
     """Reads NVML at each call; initializes it once, and again after a failure."""
 
-    def __init__(self) -> None:
-        import pynvml  # the module nvidia-ml-py installs
+    def __init__(self, nvml=None) -> None:
+        if nvml is None:
+            import pynvml  # the module nvidia-ml-py installs
 
-        self.nvml = pynvml
+            nvml = pynvml
+        self.nvml = nvml
         self.ready = False
+        self.last_seen_us: dict[int, int] = {}  # per device index: newest utilization sample read
 
     def _init(self) -> None:
         if not self.ready:
@@ -67,11 +84,13 @@ class NvmlSource:
                 raise SourceDown(f"{type(error).__name__}: {error}") from None
             self.ready = True
 
-    def _maybe(self, call, *args, scale: float = 1.0):
+    def _maybe(self, call, *args, scale: float | None = None):
+        """The call's answer (times `scale` where given), or None where the device does not answer it."""
         try:
-            return call(*args) * scale
+            value = call(*args)
         except self.nvml.NVMLError:
             return None
+        return value if scale is None else value * scale
 
     def read(self) -> Snapshot:
         self._init()
@@ -103,20 +122,45 @@ class NvmlSource:
             temperature_celsius=self._maybe(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
         )
 
-    def _processes(self, index: int, handle) -> list[ProcessReading]:
+    def _tenants(self, handle) -> dict[int, int | None]:
+        """pid -> used memory of the processes that use this GPU: MPS clients and plain CUDA processes."""
         nvml = self.nvml
-        # MPS clients are listed apart from plain compute processes.
-        found = {}
-        for lister in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetMPSComputeRunningProcesses):
-            try:
-                for process in lister(handle):
-                    found[process.pid] = process.usedGpuMemory
-            except nvml.NVMLError:
-                continue
-        utilization: dict[int, float] = {}
+        tenants: dict[int, int | None] = {}
         try:
-            for sample in nvml.nvmlDeviceGetProcessUtilization(handle, 0):
-                utilization[sample.pid] = float(sample.smUtil)
+            for process in nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle):
+                tenants[process.pid] = process.usedGpuMemory
         except nvml.NVMLError:
-            pass  # NotSupported on many boards and under MPS: attribution falls back to equal shares
-        return [ProcessReading(pid, index, used, utilization.get(pid)) for pid, used in found.items()]
+            pass  # an older driver without the MPS list: only plain processes are seen
+        for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid not in tenants and not self._is_mps_server(process.pid):
+                tenants[process.pid] = process.usedGpuMemory
+        return tenants
+
+    def _is_mps_server(self, pid: int) -> bool:
+        try:
+            name = self.nvml.nvmlSystemGetProcessName(pid)
+        except self.nvml.NVMLError:
+            return False
+        name = name.decode() if isinstance(name, bytes) else name
+        return name.rsplit("/", 1)[-1] == MPS_SERVER
+
+    def _sm_utilization(self, index: int, handle) -> dict[int, float] | None:
+        """Mean SM percent per pid since the last read of this device; None where not supported."""
+        nvml = self.nvml
+        try:
+            samples = nvml.nvmlDeviceGetProcessUtilization(handle, self.last_seen_us.get(index, 0))
+        except nvml.NVMLError as error:
+            if getattr(error, "value", None) in (nvml.NVML_ERROR_NOT_FOUND, nvml.NVML_SUCCESS):
+                return {}  # no sample newer than the last one: every process was idle
+            return None
+        per_pid: dict[int, list[float]] = {}
+        for sample in samples:
+            per_pid.setdefault(sample.pid, []).append(float(sample.smUtil))
+            self.last_seen_us[index] = max(self.last_seen_us.get(index, 0), int(sample.timeStamp))
+        return {pid: sum(values) / len(values) for pid, values in per_pid.items()}
+
+    def _processes(self, index: int, handle) -> list[ProcessReading]:
+        tenants = self._tenants(handle)
+        utilization = self._sm_utilization(index, handle)
+        return [ProcessReading(pid, index, used, None if utilization is None else utilization.get(pid, 0.0))
+                for pid, used in tenants.items()]

@@ -1,15 +1,19 @@
 """From a process ID to its pod: /proc/<pid>/cgroup gives the pod UID and container ID, the
-kubelet's (or the API's) pod list gives the pod. The list is cached for a few seconds.
+API's list of this node's pods gives the pod. The list is cached for a few seconds; a list
+that fails or times out keeps the previous one and counts an error, so a scrape never waits
+longer than the timeout and never fails for it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEPLOYMENT_LABEL = "slmpack.dev/deployment"
 # cgroup v1 and v2, cgroupfs and systemd drivers, containerd / CRI-O / Docker:
@@ -60,12 +64,17 @@ class PodDirectory:
         self.fetch_pods, self.proc, self.ttl_s = fetch_pods, proc, ttl_s
         self._pods: dict[str, dict] = {}
         self._fetched_at = float("-inf")
+        self.errors = 0  # failed pod lists, for slmpack_exporter_pod_lookup_errors_total
 
     def _pod_list(self) -> dict[str, dict]:
         if time.monotonic() - self._fetched_at > self.ttl_s:
-            # The API or kubelet being away must not fail a scrape: keep the last list.
-            with contextlib.suppress(Exception):
+            # The API being away must not fail a scrape: keep the last list, count the error.
+            try:
                 self._pods = pods_by_uid(self.fetch_pods())
+            except Exception as error:  # any client, TLS or network error
+                self.errors += 1
+                log.warning("listing this node's pods failed (%d so far), keeping the last list: %s",
+                            self.errors, str(error).splitlines()[0] if str(error) else type(error).__name__)
             self._fetched_at = time.monotonic()
         return self._pods
 
@@ -83,8 +92,11 @@ class PodDirectory:
                       (meta.get("labels") or {}).get(DEPLOYMENT_LABEL, ""))
 
 
-def kubelet_pods(node_name: str) -> Callable[[], dict]:
-    """The pods on this node, through the API (field selector on the node)."""
+LIST_TIMEOUT_S = (3.0, 5.0)  # connect, read
+
+
+def kubelet_pods(node_name: str, timeout_s: tuple[float, float] = LIST_TIMEOUT_S) -> Callable[[], dict]:
+    """The pods on this node, through the API (field selector on the node), with a timeout."""
     from kubernetes import client
 
     from slmpack.adapters.kube import load_config
@@ -92,7 +104,8 @@ def kubelet_pods(node_name: str) -> Callable[[], dict]:
     api = client.CoreV1Api(load_config())
 
     def fetch() -> dict:
-        pods = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_name}")
+        pods = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_name}",
+                                               _request_timeout=timeout_s)
         return api.api_client.sanitize_for_serialization(pods)
 
     return fetch
