@@ -16,12 +16,27 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.utils import parse_quantity
+from prometheus_client import Counter
 
 from slmpack import API_GROUP, API_VERSION
 from slmpack.core.validation import GPUNode
 
 FIELD_MANAGER = "slmpack"
 log = logging.getLogger(__name__)
+API_REQUESTS = Counter("slmpack_operator_api_requests_total",
+                       "Requests the operator sent to the Kubernetes API (watches excluded), by verb.", ["verb"])
+
+
+class CountingApiClient(client.ApiClient):
+    """The client library's ApiClient, counting each request it sends."""
+
+    def request(self, method, url, *args, **kwargs):
+        API_REQUESTS.labels(method).inc()
+        return super().request(method, url, *args, **kwargs)
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): read it again and retry."""
 
 
 def load_config() -> client.ApiClient:
@@ -31,7 +46,7 @@ def load_config() -> client.ApiClient:
     except config.ConfigException:
         # Read KUBECONFIG now: the client library captured it when first imported.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    return CountingApiClient()
 
 
 def absent_as_none(read):
@@ -112,9 +127,22 @@ class Kube:
     def get_deployment(self, namespace: str, name: str) -> dict | None:
         return self._get_custom(namespace, "slmdeployments", name)
 
-    def patch_deployment_status(self, namespace: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, "slmdeployments", name, {"status": status})
+    def patch_deployment_status(self, namespace: str, name: str, status: dict, resource_version: str) -> str:
+        """Write the status computed from the object at `resource_version`; returns the new resourceVersion.
+
+        The resourceVersion is a precondition: if the object changed since it was read, the
+        apiserver answers 409 and this raises Conflict, so a slower writer never overwrites a
+        newer status."""
+        try:
+            written = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, "slmdeployments", name,
+                {"metadata": {"resourceVersion": resource_version}, "status": status})
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"SLMDeployment {namespace}/{name} changed since resourceVersion "
+                               f"{resource_version}") from None
+            raise
+        return written["metadata"]["resourceVersion"]
 
     def deployments_using_profile(self, namespace: str, profile: str) -> list[str]:
         items = self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments")["items"]
@@ -140,6 +168,30 @@ class Kube:
         self.custom.patch_namespaced_custom_object(
             API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
             {"metadata": {"ownerReferences": owners + [owner_reference], "resourceVersion": meta["resourceVersion"]}})
+
+    # ---------------------------------------------------------------- leader election
+
+    @cached_property
+    def coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self.api)
+
+    def get_lease(self, namespace: str, name: str) -> client.V1Lease | None:
+        return absent_as_none(lambda: self.coordination.read_namespaced_lease(name, namespace))
+
+    def write_lease(self, lease: client.V1Lease) -> bool:
+        """Create the Lease, or replace it at the resourceVersion it was read at; False when another
+        writer came first (409)."""
+        meta = lease.metadata
+        try:
+            if meta.resource_version:
+                self.coordination.replace_namespaced_lease(meta.name, meta.namespace, lease)
+            else:
+                self.coordination.create_namespaced_lease(meta.namespace, lease)
+            return True
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
 
     def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(

@@ -275,7 +275,8 @@ def refresh(namespace: str, name: str) -> None:
         return
     status = Reconciler(body, kube(), datetime.now(UTC)).run()
     kube().patch_deployment_status(namespace, name, {
-        field.alias: status.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()})
+        field.alias: status.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()},
+        body["metadata"]["resourceVersion"])
 
 
 @kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
