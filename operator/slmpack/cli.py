@@ -1,4 +1,4 @@
-"""`slmpack operator | profile | analyze | exporter | crds`.
+"""`slmpack operator | render | profile | analyze | exporter | crds`.
 
 Each subcommand lives in its own wing module, which exposes `configure(parser)`
 and `run(args) -> int`. Only the chosen wing is imported, so that `slmpack crds`
@@ -14,6 +14,8 @@ import slmpack
 
 SUBCOMMANDS = {
     "operator": ("slmpack.controller.cli", "run the operator (kopf) that reconciles SLMDeployments"),
+    "render": ("slmpack.controller.render",
+               "print what the operator would create for an SLMDeployment on given Nodes, without a cluster"),
     "profile": ("slmpack.profiler.cli_profile",
                 "profile an engine: sweep batch sizes, find the knee, measure replicas"),
     "analyze": ("slmpack.profiler.cli_analyze", "analyze existing `vllm bench serve` result files"),

@@ -20,8 +20,12 @@ from slmpack.core.manifests import (
     profile_conditions,
     profile_name,
 )
+from slmpack.core.validation import GPUNode
 
 OWNER = Owner(kind="SLMDeployment", name="chat", uid="u-1", namespace="team")
+NODE = GPUNode("gpu-node-1", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED",
+                              "nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "mps",
+                              "nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1"}, {"nvidia.com/gpu": 4})
 PLAN = Plan(knee_batch_size=64, replicas=3, max_num_seqs=64, gpu_memory_utilization=0.3,
             memory_per_replica_mib=24467, mps_active_thread_percentage=34, mps_pinned_memory_limit_mib=24467)
 
@@ -36,18 +40,25 @@ def engine(statefulset):
 
 
 def test_statefulset_packs_replicas_on_one_node_and_starts_them_in_order():
-    sts = build_statefulset(OWNER, spec(), PLAN, node="gpu-node-1")
+    sts = build_statefulset(OWNER, spec(), PLAN, node=NODE)
     pod = sts["spec"]["template"]["spec"]
     assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                                   "kubernetes.io/hostname": "gpu-node-1"}
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-1"}
+    # GFD labels a shared GPU's product X-SHARED: the affinity matches both forms, and the sharing it was sized for.
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [
+            {"key": "nvidia.com/gpu.product", "operator": "In",
+             "values": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-80GB-HBM3-SHARED"]},
+            {"key": "nvidia.com/gpu.sharing-strategy", "operator": "In", "values": ["mps"]},
+            {"key": "nvidia.com/gpu.replicas", "operator": "In", "values": ["4"]},
+            {"key": "nvidia.com/gpu.memory", "operator": "In", "values": ["81559"]}]}]
     args = engine(sts)["args"]
     assert args[args.index("--max-num-seqs") + 1] == "64"
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.3"
     assert engine(sts)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-    assert {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": "34"} in engine(sts)["env"]
-    assert {"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=24467M"} in engine(sts)["env"]
+    # The MPS limits are the daemon's defaults, which clients get without asking: no CUDA_MPS_* env.
+    assert not [e for e in engine(sts)["env"] if e["name"].startswith("CUDA_MPS_")]
     assert engine(sts)["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert sts["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 
@@ -103,14 +114,15 @@ def test_profile_key_ignores_the_deployment_but_not_the_workload():
     assert profile_name(a).startswith("smollm2-135m-instruct-")
 
 
-def test_profiling_job_holds_every_slot_of_the_gpu_and_writes_the_profile():
+def test_profiling_job_requests_one_slot_as_a_replica_does_and_writes_the_profile():
     profiled = spec(profiling={"maxBatchSize": 64}, resources={"limits": {"memory": "6Gi", "cpu": "2"}})
     conditions = profile_conditions(profiled, 81559)
     owner = Owner(kind="SLMProfile", name=profile_name(conditions), uid="p-1", namespace="team")
-    job = build_profiling_job(owner, conditions, profiled, "gpu-node-1", gpu_slots=4)
+    job = build_profiling_job(owner, conditions, profiled, NODE)
     container = job["spec"]["template"]["spec"]["containers"][0]
     # Up to maxReplicas engines run in the Job's one pod: one replica's memory limit would kill them.
-    assert container["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "4"}
+    # One slot: the device plugin refuses more than one under MPS.
+    assert container["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "1"}
     assert container["args"][container["args"].index("--write-profile") + 1] == f"team/{owner.name}"
     assert container["args"][container["args"].index("--max-batch") + 1] == "64"
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "slmpack-profiler"
@@ -131,3 +143,26 @@ def test_phase_is_derived_from_conditions_and_transition_times_hold():
     degraded = set_condition(conditions, AVAILABLE, False, "ReplicaFailing", "OOMKilled", t0)
     assert derive_phase(degraded).value == "Degraded"
     assert derive_phase(set_condition(ready, INVALID_SPEC, True, "X", "", t0)).value == "Failed"
+
+
+def test_mps_clients_leave_dev_shm_to_the_mps_server_and_others_get_their_own():
+    def shm(obj):
+        pod = (obj["spec"]["template"]["spec"])
+        return [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+
+    sliced = GPUNode("ts", {"nvidia.com/gpu.sharing-strategy": "time-slicing"}, {"nvidia.com/gpu": 4})
+    conditions = profile_conditions(spec(), 81559)
+    job_owner = Owner(kind="SLMProfile", name="p", uid="p-1", namespace="team")
+    # Under the plugin's MPS the plugin mounts the node's MPS shm at /dev/shm; an emptyDir would hide it.
+    assert shm(build_statefulset(OWNER, spec(), PLAN, NODE)) == []
+    assert shm(build_profiling_job(job_owner, conditions, spec(), NODE)) == []
+    assert shm(build_statefulset(OWNER, spec(placement="dra"), PLAN, None)) == []
+    assert shm(build_statefulset(OWNER, spec(sharing="time-slicing"), PLAN, sliced)) != []
+    assert shm(build_statefulset(OWNER, spec(engine={"device": "cpu"}), PLAN, NODE)) != []
+
+
+def test_a_known_kv_cache_size_is_passed_in_bytes():
+    sized = PLAN.model_copy(update={"kv_cache_memory_bytes": 17179869184})
+    args = engine(build_statefulset(OWNER, spec(), sized, NODE))["args"]
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == "17179869184"
+    assert "--kv-cache-memory-bytes" not in engine(build_statefulset(OWNER, spec(), PLAN, NODE))["args"]

@@ -90,7 +90,7 @@ def test_profile_and_job_names_are_labels_for_any_model(model):
     name = profile_name(conditions)
     assert DNS_1123_LABEL.fullmatch(name) and len(name) <= 63
     job = build_profiling_job(Owner(kind="SLMProfile", name=name, uid="p", namespace="n" * 63), conditions,
-                              profiled, None, gpu_slots=1)
+                              profiled, None)
     assert DNS_1123_LABEL.fullmatch(job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
     assert label(job["metadata"]["name"]), "the Job's pods carry job-name: <name>"
     labels_valid(job)

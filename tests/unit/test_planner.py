@@ -11,6 +11,7 @@ from slmpack.api.models import (
 )
 from slmpack.core.memory import footprint_from_hf_config, kv_cache_mib
 from slmpack.core.planner import plan
+from slmpack.core.validation import InvalidSpec
 
 H100_MIB = 81559
 OPT_1_3B = footprint_from_hf_config({"num_hidden_layers": 24, "num_attention_heads": 32, "hidden_size": 2048},
@@ -89,3 +90,44 @@ def test_failed_replication_points_are_never_chosen():
     prof.replication.append(ReplicationPoint(replicas=5, batch_size_per_replica=64,
                                              aggregate_throughput_tokens_per_s=99999, error="OOM"))
     assert plan(spec(), prof, H100_MIB, 8).replicas == 3
+
+
+SMOLLM2_360M = MemoryFootprint(weights_mib=690, kv_bytes_per_token=81920, overhead_mib=1536)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 7])
+def test_under_plugin_mps_each_replica_fits_the_daemons_memory_over_r_limit(slots):
+    # The device plugin's MPS daemon pins each client at memory/R and 100/R % of the SMs.
+    result = plan(spec(model={"name": "m", "maxModelLen": 4096}), profile(memory=SMOLLM2_360M), H100_MIB,
+                  sharing_slots=slots, plugin_mps=True)
+    limit = H100_MIB // slots
+    assert result.mps_pinned_memory_limit_mib == limit == result.memory_per_replica_mib
+    assert result.mps_active_thread_percentage == 100 // slots
+    # vLLM refuses to start unless utilization x total is free: never ask for more than the limit.
+    assert result.gpu_memory_utilization * H100_MIB < limit
+    headroom = max(256, -(-limit * 5 // 100))
+    assert result.kv_cache_memory_bytes == (limit - 690 - 1536 - headroom) * 1024 * 1024
+
+
+def test_under_plugin_mps_fewer_replicas_than_slots_is_explained():
+    result = plan(spec(replicas=2), profile(memory=SMOLLM2_360M), H100_MIB, sharing_slots=4, plugin_mps=True)
+    assert result.replicas == 2
+    assert "2 of the GPU's 4 MPS slots used" in result.explanation and "2 slot(s) stay idle" in result.explanation
+
+
+def test_without_mps_the_kv_cache_is_the_share_less_weights_overhead_and_headroom():
+    result = plan(spec(sharing="time-slicing", replicas=3), profile(memory=SMOLLM2_360M), H100_MIB, sharing_slots=4)
+    share = int(H100_MIB * 0.3)
+    assert result.memory_per_replica_mib == share
+    assert result.kv_cache_memory_bytes == (share - 690 - 1536 - max(256, -(-share * 5 // 100))) * 1024 * 1024
+    assert result.mps_pinned_memory_limit_mib is None
+
+
+def test_a_model_that_cannot_hold_one_sequence_in_its_share_is_refused():
+    big = MemoryFootprint(weights_mib=15317, kv_bytes_per_token=128 * 1024, overhead_mib=2048)
+    with pytest.raises(InvalidSpec, match=r"^spec.model: 15317 MiB of weights .* do not fit one replica's 11651 MiB"):
+        plan(spec(replicas=7), profile(memory=big), H100_MIB, sharing_slots=7, plugin_mps=True)
+
+
+def test_without_a_memory_model_no_kv_bytes_are_set():
+    assert plan(spec(replicas=2), None, H100_MIB, 4, plugin_mps=True).kv_cache_memory_bytes is None

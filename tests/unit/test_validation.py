@@ -37,8 +37,8 @@ def test_schema_errors_name_the_field():
 def test_node_choice_follows_product_and_sharing():
     assert choose_node(parse(gpu={"product": "NVIDIA-H100-80GB-HBM3"}), [H100, L4]).name == "gpu-a"
     assert choose_node(parse(sharing="time-slicing"), [H100, L4]).name == "gpu-b"
-    with pytest.raises(InvalidSpec, match="no node offers nvidia.com/gpu allocatable, "
-                                          "nvidia.com/gpu.product=NVIDIA-A100"):
+    with pytest.raises(InvalidSpec, match=r"no node offers nvidia.com/gpu allocatable, "
+                                          r"nvidia.com/gpu.product in \(NVIDIA-A100, NVIDIA-A100-SHARED\)"):
         choose_node(parse(gpu={"product": "NVIDIA-A100"}), [H100, L4])
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.utils import parse_quantity
 from prometheus_client import Counter
 
 from slmpack import API_GROUP, API_VERSION
-from slmpack.core.validation import GPUNode
 
 FIELD_MANAGER = "slmpack"
 log = logging.getLogger(__name__)
@@ -75,10 +74,6 @@ class Kube:
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
 
-    @cached_property
-    def batch(self) -> client.BatchV1Api:
-        return client.BatchV1Api(self.api)
-
     def _resource(self, obj: dict):
         return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
 
@@ -90,42 +85,31 @@ class Kube:
             field_manager=FIELD_MANAGER, force_conflicts=True)
         return result.to_dict()
 
-    def create_if_absent(self, obj: dict) -> bool:
-        """Create the object unless one of that name exists; True when this call created it.
+    def create_if_absent(self, obj: dict) -> dict | None:
+        """Create the object unless one of that name exists; the created object, or None when it existed.
 
         A deterministic name plus create makes "exactly one" hold across operator restarts:
         the apiserver refuses the second create with 409.
         """
         meta = obj["metadata"]
         try:
-            self._resource(obj).create(body=obj, namespace=meta.get("namespace"))
-            return True
+            return self._resource(obj).create(body=obj, namespace=meta.get("namespace")).to_dict()
         except ApiException as error:
             if error.status == 409:
-                return False
+                return None
             raise
 
-    # ---------------------------------------------------------------- reads
-
-    def gpu_nodes(self) -> list[GPUNode]:
-        return [GPUNode(name=n.metadata.name, labels=dict(n.metadata.labels or {}),
-                        allocatable={k: int(parse_quantity(v)) for k, v in (n.status.allocatable or {}).items()})
-                for n in self.core.list_node().items
-                if not n.spec.unschedulable]
-
-    def _get_custom(self, namespace: str, plural: str, name: str) -> dict | None:
-        return absent_as_none(lambda: self.custom.get_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, plural, name))
-
-    def get_profile(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(namespace, "slmprofiles", name)
-
-    def profiles_with_key(self, namespace: str, key: str) -> list[dict]:
-        return self.custom.list_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
-
-    def get_deployment(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(namespace, "slmdeployments", name)
+    def post_event(self, involved: dict, reason: str, message: str, warning: bool = False) -> None:
+        """An Event on `involved` (an object as the API returns it), as `kubectl describe` shows them."""
+        meta, now = involved["metadata"], datetime.now(UTC)
+        self.core.create_namespaced_event(meta["namespace"], client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name'][:200]}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=involved["apiVersion"], kind=involved["kind"], name=meta["name"],
+                namespace=meta["namespace"], uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
+            reason=reason, message=message[:1024], type="Warning" if warning else "Normal",
+            first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component=FIELD_MANAGER), reporting_component=FIELD_MANAGER))
 
     def patch_deployment_status(self, namespace: str, name: str, status: dict, resource_version: str) -> str:
         """Write the status computed from the object at `resource_version`; returns the new resourceVersion.
@@ -144,17 +128,6 @@ class Kube:
             raise
         return written["metadata"]["resourceVersion"]
 
-    def deployments_using_profile(self, namespace: str, profile: str) -> list[str]:
-        items = self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments")["items"]
-        return [d["metadata"]["name"] for d in items if (d.get("status") or {}).get("profile") == profile]
-
-    def get_job(self, namespace: str, name: str) -> client.V1Job | None:
-        return absent_as_none(lambda: self.batch.read_namespaced_job(name, namespace))
-
-    def pods(self, namespace: str, selector: dict[str, str]) -> list[client.V1Pod]:
-        labels = ",".join(f"{k}={v}" for k, v in selector.items())
-        return self.core.list_namespaced_pod(namespace, label_selector=labels).items
-
     def add_profile_user(self, profile: dict, owner_reference: dict) -> None:
         """Add a deployment to a profile's owners, so the profile goes when its last user goes.
 
@@ -165,9 +138,16 @@ class Kube:
         owners = list(meta.get("ownerReferences") or [])
         if any(o["uid"] == owner_reference["uid"] for o in owners):
             return
-        self.custom.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
-            {"metadata": {"ownerReferences": owners + [owner_reference], "resourceVersion": meta["resourceVersion"]}})
+        try:
+            self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
+                {"metadata": {"ownerReferences": owners + [owner_reference],
+                              "resourceVersion": meta["resourceVersion"]}})
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"SLMProfile {meta['namespace']}/{meta['name']} changed; adding its user again") \
+                    from None
+            raise
 
     # ---------------------------------------------------------------- leader election
 

@@ -316,12 +316,24 @@ class Plan(Model):
     max_num_seqs: int = Field(..., description="vLLM --max-num-seqs per replica.")
     gpu_memory_utilization: float | None = Field(None, description="vLLM --gpu-memory-utilization per replica.")
     memory_per_replica_mib: int | None = Field(None, description="The per-replica GPU (or CPU KV) memory budget.")
-    mps_active_thread_percentage: int | None = Field(None, description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE.")
-    mps_pinned_memory_limit_mib: int | None = Field(None, description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica.")
+    kv_cache_memory_bytes: int | None = Field(None, description="vLLM --kv-cache-memory-bytes per replica.")
+    mps_active_thread_percentage: int | None = Field(
+        None, description="The share of the SMs each replica may use under MPS, in percent.")
+    mps_pinned_memory_limit_mib: int | None = Field(
+        None, description="The device memory each replica may pin under MPS, in MiB.")
     predicted_throughput_tokens_per_s: float | None = Field(None, description="Predicted aggregate output tokens/s.")
     predicted_p99_itl_ms: float | None = Field(None, description="Predicted p99 inter-token latency.")
     energy_per_token_joules: float | None = Field(None, description="Measured J per output token, when measured.")
     explanation: str = Field("", description="Why this plan, in a sentence or two.")
+
+
+class ReplicaGPU(Model):
+    """Where one replica runs: its node and the physical GPUs its container got."""
+
+    name: str = Field(..., description="The replica's pod.")
+    node: str | None = Field(None, description="The node it runs on.")
+    gpu_uuids: list[str] = Field(default_factory=list, alias="gpuUUIDs",
+                                 description="The UUIDs of its GPUs, as the node reports them; empty until known.")
 
 
 class SLMDeploymentStatus(Model):
@@ -330,12 +342,14 @@ class SLMDeploymentStatus(Model):
     phase: Phase = Field(Phase.pending, description="A one-word summary derived from the conditions.")
     profiling_phase: ProfilingPhase | None = Field(None, description="Where profiling stands, while it runs.")
     conditions: list[Condition] = Field(default_factory=list,
-                                        description="ProfileReady, Placed, Available, InvalidSpec.")
+                                        description="ProfileReady, Placed, Available, OneGPU, InvalidSpec.")
     observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
     profile: str | None = Field(None, description="The name of the SLMProfile in use.")
     plan: Plan | None = Field(None, description="The chosen plan.")
     replicas: int | None = Field(None, description="Planned replicas.")
     ready_replicas: int | None = Field(None, description="Replicas that pass their readiness probe.")
+    replica_gpus: list[ReplicaGPU] = Field(default_factory=list, alias="replicaGPUs",
+                                           description="Per replica, the node and the GPUs it runs on.")
     endpoint: str | None = Field(None, description="The in-cluster URL of the OpenAI-compatible Service.")
 
 

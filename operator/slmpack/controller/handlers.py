@@ -1,296 +1,372 @@
-"""kopf handlers: parse the spec, call the pure core, act through the adapter, write status.
+"""kopf handlers: watch caches in, one reconcile per deployment at a time, status out.
 
-Reconcile is level-triggered: every run derives the desired objects from the spec and
-what the cluster holds now, applies them, and rewrites the status. It runs on create,
-on spec change, on operator start, and on every event of the engine pods, the profile
-and its Job, so the status follows them, and a crash at any point is repaired by the
-next run.
+The control loop follows controller-runtime's:
+
+- kopf's indices are the watch caches: deployments, profiles, profiling Jobs, engine pods,
+  GPU nodes and the children. A reconcile reads its snapshot from them, not from LIST calls.
+- Events only add the deployment's key to a work queue (`workqueue.py`), so a burst of pod
+  or Job events coalesces into one reconcile, and a key is never reconciled by two workers
+  at once.
+- A worker decides with the pure core (`core/decide.py`), acts through the adapter, and
+  writes the status with the resourceVersion its snapshot was read at: on a conflict it
+  requeues instead of overwriting a newer status.
+- Reconcile is level-triggered and idempotent: children are server-side applied, the
+  profile and its Job are created by deterministic name, so an operator killed at any point
+  converges when it (or another replica) starts again. With several replicas, a Lease
+  elects the one that acts (`leader.py`).
+
+No kopf state handlers (on.create/update) are used, so kopf writes nothing onto the objects
+and nothing blocks their deletion while the operator is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 import os
+import socket
 import time
+import uuid
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import kopf
+from kubernetes.utils import parse_quantity
 from prometheus_client import Counter, Histogram
 
-from slmpack import API_GROUP, API_VERSION
-from slmpack.adapters.kube import Kube, load_config
-from slmpack.api.models import Device, Placement, SLMDeploymentSpec, SLMDeploymentStatus, SLMProfileStatus
+from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
+from slmpack.adapters.kube import Conflict, Kube, load_config
+from slmpack.api.models import SLMDeploymentStatus
+from slmpack.controller.leader import LeaderElection
+from slmpack.controller.workqueue import Retry, WorkQueue, work
 from slmpack.core import conditions as cond
-from slmpack.core.manifests import (
-    DEPLOYMENT_LABEL,
-    PROFILE_LABEL,
-    Owner,
-    build_profile,
-    build_profiler_access,
-    build_profiling_job,
-    build_resource_claim,
-    build_service,
-    build_statefulset,
-    profile_conditions,
-    profiling_job_name,
-    selector_labels,
-    service_endpoint,
-)
-from slmpack.core.planner import plan
-from slmpack.core.validation import GPUNode, InvalidSpec, NoMatchingNode, choose_node, parse_spec, spec_problems
+from slmpack.core.decide import ClusterSnapshot, Decision, ProfilingJob, decide, with_status
+from slmpack.core.manifests import DEPLOYMENT_LABEL, PROFILE_LABEL, label_value
+from slmpack.core.validation import GPUNode
 
-NODE_RETRY_SECONDS = 30
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
+# "NAMESPACE/NAME" of the Lease that elects the acting replica; unset runs without election.
+LEADER_LEASE = os.environ.get("SLMPACK_LEADER_ELECTION_LEASE", "")
+WORKERS = int(os.environ.get("SLMPACK_WORKERS", "4"))
+# A decision that creates the profile needs its uid for the Job: decide again after creating, a few times at most.
+MAX_ROUNDS = 3
+# While a profile is measured, look again now and then even if no event comes (a missed watch event).
+PROFILING_RESYNC_SECONDS = 60
+CONFLICT_RETRY_SECONDS = 0.2
 
 RECONCILES = Counter("slmpack_operator_reconciles_total", "SLMDeployment reconciles, by outcome.", ["outcome"])
 ERRORS = Counter("slmpack_operator_errors_total", "Reconciles that raised an unexpected error.")
+CONFLICTS = Counter("slmpack_operator_conflicts_total", "Writes refused because the object had changed (409).")
+RECONCILE_SECONDS = Histogram("slmpack_operator_reconcile_duration_seconds", "Time of one reconcile.",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PROFILING_SECONDS = Histogram("slmpack_operator_profiling_duration_seconds",
                               "Time from a profile's creation to its measurement, seen when it becomes ready.",
                               buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200))
 
 log = logging.getLogger(__name__)
-_kube: Kube | None = None
 
 
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube(load_config())
-    return _kube
+# ---------------------------------------------------------------- the watch caches (kopf indices)
+
+
+def stored(body: kopf.Body) -> dict:
+    """The object as the API returned it, detached from kopf's view."""
+    return json.loads(json.dumps({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")
+                                  if body.get(k) is not None}))
+
+
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployment_index(namespace, name, body, **_):
+    return {(namespace, name): stored(body)}
+
+
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployments_by_profile(namespace, name, status, **_):
+    profile = status.get("profile")
+    return {(namespace, profile): name} if profile else None
+
+
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployments_by_label(namespace, name, **_):
+    # Children's labels carry the name cut to 63 characters with a hash; this maps it back.
+    return {(namespace, label_value(name)): name}
+
+
+@kopf.index(API_GROUP, API_VERSION, "slmprofiles")
+async def profile_index(namespace, body, **_):
+    return {namespace: stored(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
+async def job_index(namespace, body, **_):
+    return {namespace: stored(body)}
+
+
+@kopf.index("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def pod_index(namespace, labels, body, **_):
+    return {(namespace, labels[DEPLOYMENT_LABEL]): replica_state(body)}
+
+
+@kopf.index("", "v1", "nodes")
+async def node_index(body, spec, **_):
+    return None if spec.get("unschedulable") else {None: gpu_node(body)}
+
+
+@kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def statefulset_index(namespace, name, meta, **_):
+    return {("StatefulSet", namespace, name): meta.get("resourceVersion")}
+
+
+@kopf.index("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def service_index(namespace, name, meta, **_):
+    return {("Service", namespace, name): meta.get("resourceVersion")}
+
+
+# The children whose resourceVersion the operator follows, to skip applying what did not change.
+CHILD_INDICES = {"StatefulSet": "statefulset_index", "Service": "service_index"}
+
+
+@kopf.index("", "v1", "pods", labels={PROFILE_LABEL: kopf.PRESENT, "job-name": kopf.PRESENT})
+async def profiler_pod_index(namespace, labels, status, **_):
+    """Why each profiler pod ended (OOMKilled, Error and its exit code), by Job."""
+    ended = [s["state"]["terminated"] for s in status.get("containerStatuses") or []
+             if (s.get("state") or {}).get("terminated")]
+    if not ended:
+        return None
+    why = ", ".join(f"{t.get('reason') or 'Error'} (exit code {t.get('exitCode')})" for t in ended)
+    return {(namespace, labels["job-name"]): why}
+
+
+def profiling_job(job: dict, pod_endings: tuple[str, ...] = ()) -> ProfilingJob:
+    status = job.get("status") or {}
+    conditions = status.get("conditions") or []
+    failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions)
+    message = (failed.get("message") or failed.get("reason") or "") if failed else ""
+    if failed and pod_endings:
+        message += f"; its pods ended with {', '.join(sorted(set(pod_endings)))}"
+    completed_at = status.get("completionTime") if complete else None
+    return ProfilingJob(name=job["metadata"]["name"], failed=failed is not None, failure_message=message,
+                        completed_at=datetime.fromisoformat(completed_at.replace("Z", "+00:00"))
+                        if completed_at else None)
+
+
+def replica_state(pod: dict) -> cond.ReplicaState:
+    status, meta = pod.get("status") or {}, pod["metadata"]
+    statuses = status.get("containerStatuses") or []
+    engine = next((s for s in statuses if s.get("name") == "engine"), statuses[0] if statuses else None)
+    uuids = (meta.get("annotations") or {}).get(GPU_UUIDS_ANNOTATION, "")
+    where = {"node": (pod.get("spec") or {}).get("nodeName"),
+             "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip())}
+    if engine is None:
+        return cond.ReplicaState(name=meta["name"], ready=False, **where)
+    waiting = (engine.get("state") or {}).get("waiting") or {}
+    terminated = (engine.get("lastState") or {}).get("terminated") or {}
+    return cond.ReplicaState(name=meta["name"], ready=bool(engine.get("ready")), waiting_reason=waiting.get("reason"),
+                             last_termination_reason=terminated.get("reason"),
+                             restarts=engine.get("restartCount") or 0, **where)
+
+
+def gpu_node(node: dict) -> GPUNode:
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    return GPUNode(name=node["metadata"]["name"], labels=dict(node["metadata"].get("labels") or {}),
+                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()})
+
+
+# ---------------------------------------------------------------- the controller
+
+
+Key = tuple[str, str]  # (namespace, name) of an SLMDeployment
+
+
+@dataclass
+class Controller:
+    """The work queue, its workers, and what they read: kopf's indices."""
+
+    kube: Kube
+    indices: dict
+    queue: WorkQueue = field(default_factory=lambda: WorkQueue(base_delay=0.05))
+    leader: LeaderElection | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    # What was last applied per child, and the resourceVersion the apply returned: an unchanged
+    # desired object over an unchanged child is not sent again.
+    applied: dict[tuple, tuple[str, str]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        may_work = self.leader.wait_to_lead if self.leader else None
+        self.tasks = [asyncio.create_task(work(self.queue, self.reconcile, may_work)) for _ in range(WORKERS)]
+        if self.leader:
+            self.tasks.append(asyncio.create_task(self.leader.run()))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.leader and self.leader.leading.is_set():
+            await asyncio.to_thread(self.leader.release)
+
+    # ---- reading the caches (in the event loop, where kopf updates them)
+
+    def one(self, index: str, key):
+        store = self.indices[index].get(key)
+        return next(iter(store), None) if store else None
+
+    def all(self, index: str, key) -> tuple:
+        store = self.indices[index].get(key)
+        return tuple(store) if store else ()
+
+    def snapshot(self, namespace: str, name: str) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            nodes=self.all("node_index", None),
+            profiles=self.all("profile_index", namespace),
+            jobs=tuple(profiling_job(j, self.all("profiler_pod_index", (namespace, j["metadata"]["name"])))
+                       for j in self.all("job_index", namespace)),
+            pods=self.all("pod_index", (namespace, label_value(name))),
+        )
+
+    # ---- one reconcile
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.one("deployment_index", key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # gone: its children go by garbage collection
+        started = time.monotonic()
+        snapshot = self.snapshot(*key)
+        try:
+            decision = await asyncio.to_thread(self.reconcile_once, body, snapshot)
+        except Conflict as error:
+            CONFLICTS.inc()
+            raise Retry(str(error)) from None
+        except Exception:
+            ERRORS.inc()
+            raise
+        finally:
+            RECONCILE_SECONDS.observe(time.monotonic() - started)
+        if decision.outcome == "profiling":
+            return decision.retry_after_seconds or PROFILING_RESYNC_SECONDS
+        return decision.retry_after_seconds
+
+    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> Decision:
+        """Decide, act; again while acting created objects the decision depends on (the profile's uid).
+        Then write the status, conditionally on the resourceVersion the decision read."""
+        original = body
+        for _ in range(MAX_ROUNDS):
+            decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
+            created = self.act(body, decision)
+            if not created:
+                break
+            body = with_status(body, decision.status)
+            snapshot = with_created(snapshot, created)
+        RECONCILES.labels(decision.outcome).inc()
+        status = status_patch(decision.status)
+        if status != status_patch(SLMDeploymentStatus.from_stored(original.get("status"))):
+            meta = original["metadata"]
+            self.kube.patch_deployment_status(meta["namespace"], meta["name"], status, meta["resourceVersion"])
+        return decision
+
+    def act(self, body: dict, decision: Decision) -> list[dict]:
+        """Carry out a decision; the objects it created, which the next decision should see."""
+        created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
+        for obj in decision.apply:
+            self.apply(obj)
+        for event in decision.events:
+            self.kube.post_event(body, event.reason, event.message, event.warning)
+            log.info("%s/%s %s: %s", body["metadata"]["namespace"], body["metadata"]["name"], event.reason,
+                     event.message)
+        if decision.profiling_seconds:
+            PROFILING_SECONDS.observe(decision.profiling_seconds)
+        if decision.profile_user:
+            self.kube.add_profile_user(*decision.profile_user)
+        return created
+
+    def apply(self, obj: dict) -> None:
+        meta = obj["metadata"]
+        child = (obj["kind"], meta.get("namespace"), meta["name"])
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        index = CHILD_INDICES.get(obj["kind"])
+        if index and self.applied.get(child) == (digest, self.one(index, child)):
+            return  # the same desired object over a child nobody changed since
+        result = self.kube.apply(obj)
+        self.applied[child] = (digest, result["metadata"]["resourceVersion"])
+
+
+def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnapshot:
+    """The snapshot plus what this reconcile just created, before the caches show it."""
+    profiles = tuple(o for o in created if o["kind"] == "SLMProfile")
+    jobs = tuple(profiling_job(o) for o in created if o["kind"] == "Job")
+    return replace(snapshot, profiles=snapshot.profiles + profiles, jobs=snapshot.jobs + jobs)
+
+
+def status_patch(status: SLMDeploymentStatus) -> dict:
+    # Every known field is written, absent ones as None, so a merge patch also clears them.
+    wire = status.to_wire()
+    return {field.alias: wire.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()}
+
+
+_controller: Controller | None = None
+
+
+def controller() -> Controller:
+    if _controller is None:
+        raise RuntimeError("the operator has not started")
+    return _controller
 
 
 @kopf.on.startup()
-def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
-    # Keep kopf's bookkeeping out of status, which belongs to the API.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration")
+async def operator_startup(settings: kopf.OperatorSettings, **kwargs) -> None:
+    global _controller
     settings.posting.level = logging.WARNING  # our own Events say what was decided
     settings.watching.server_timeout = 300
+    indices = {name: value for name, value in kwargs.items() if isinstance(value, kopf.Index)}
+    kube = Kube(load_config())
+    leader = None
+    if LEADER_LEASE:
+        namespace, _, name = LEADER_LEASE.partition("/")
+        identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        leader = LeaderElection(kube, namespace, name, identity, on_lost=lambda: os._exit(1))
+    _controller = Controller(kube, indices, leader=leader)
+    _controller.start()
 
 
-class Reconciler:
-    """One reconcile of one SLMDeployment; collects conditions and status as it goes."""
-
-    def __init__(self, body: kopf.Body, kube: Kube, now: datetime) -> None:
-        self.body, self.kube, self.now = body, kube, now
-        self.meta = body["metadata"]
-        self.namespace, self.name = self.meta["namespace"], self.meta["name"]
-        self.generation = self.meta.get("generation")
-        self.before = SLMDeploymentStatus.from_stored(body.get("status"))
-        self.status = self.before.model_copy(deep=True)
-        self.status.observed_generation = self.generation
-        self.waiting_for_node = False
-
-    # ---- conditions and events
-
-    def condition(self, type_: str, ok: bool, reason: str, message: str, warn: bool = False) -> None:
-        previous = cond.get_condition(self.before.conditions, type_)
-        self.status.conditions = cond.set_condition(self.status.conditions, type_, ok, reason, message, self.now,
-                                                    self.generation)
-        if previous is None or previous.reason != reason or previous.message != message:
-            (kopf.warn if warn else kopf.info)(self.body, reason=reason, message=message)
-            log.info("%s/%s %s=%s %s: %s", self.namespace, self.name, type_, ok, reason, message)
-
-    def finish(self) -> dict:
-        self.status.phase = cond.derive_phase(self.status.conditions)
-        return self.status.to_wire()
-
-    # ---- the steps
-
-    def run(self) -> dict:
-        try:
-            spec = parse_spec(self.body["spec"])
-            problems = spec_problems(spec)
-            if problems:
-                raise InvalidSpec("; ".join(problems))
-            node = choose_node(spec, self.kube.gpu_nodes())
-        except InvalidSpec as error:
-            self.condition(cond.INVALID_SPEC, True, "InvalidSpec", str(error), warn=True)
-            RECONCILES.labels("invalid").inc()
-            self.waiting_for_node = isinstance(error, NoMatchingNode)
-            return self.finish()
-        self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid and a GPU node matches")
-
-        profile = None
-        if spec.replicas == "auto":
-            profile = self.resolve_profile(spec, node)
-            if profile is None:
-                RECONCILES.labels("profiling").inc()
-                return self.finish()
-        else:
-            self.status.profile = None
-            self.status.profiling_phase = None
-            self.condition(cond.PROFILE_READY, True, "ProfilingSkipped",
-                           f"spec.replicas fixes {spec.replicas} replicas; no profile is needed")
-        self.place(spec, node, profile)
-        RECONCILES.labels("placed").inc()
-        return self.finish()
-
-    def resolve_profile(self, spec: SLMDeploymentSpec, node: GPUNode) -> SLMProfileStatus | None:
-        """The profile to plan from, or None while it is being measured (status says why)."""
-        ref = spec.profiling.profile_ref
-        if ref:
-            profile = self.kube.get_profile(self.namespace, ref)
-            if profile is None:
-                self.condition(cond.PROFILE_READY, False, "ProfileNotFound",
-                               f"spec.profiling.profileRef names SLMProfile {ref}, which does not exist in "
-                               f"{self.namespace}: create it or remove profileRef", warn=True)
-                return None
-        else:
-            conditions = profile_conditions(spec, node.gpu_memory_mib)
-            existing = self.kube.profiles_with_key(self.namespace, conditions.key())
-            ready = [p for p in existing if (p.get("status") or {}).get("phase") == "Ready"]
-            profile = (ready or existing or [None])[0]
-            if profile is None:
-                profile = build_profile(self.namespace, conditions, spec)
-                if self.kube.create_if_absent(profile):
-                    kopf.info(self.body, reason="ProfileCreated",
-                              message=f"no profile matches model x GPU x engine x workload: profiling into "
-                                      f"SLMProfile {profile['metadata']['name']}")
-                profile = self.kube.get_profile(self.namespace, profile["metadata"]["name"]) or profile
-        name = profile["metadata"]["name"]
-        self.status.profile = name
-        if profile["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") == "slmpack":
-            # Profiles the operator made are shared by their users and collected after the last one.
-            user = Owner(kind="SLMDeployment", name=self.name, uid=self.meta["uid"], namespace=self.namespace)
-            self.kube.add_profile_user(profile, {**user.reference(), "controller": False})
-        measured = SLMProfileStatus.from_stored(profile.get("status"))
-        if measured.phase == "Ready" and measured.knee is not None:
-            newly_ready = not cond.is_true(self.before.conditions, cond.PROFILE_READY)
-            if newly_ready and measured.sweep and measured.sweep.duration_s:
-                PROFILING_SECONDS.observe(measured.sweep.duration_s)
-            self.status.profiling_phase = None
-            self.condition(cond.PROFILE_READY, True, "ProfileMeasured",
-                           f"SLMProfile {name}: knee at batch {measured.knee.batch_size}, "
-                           f"{measured.recommended_replicas or 1} replica(s) recommended")
-            return measured
-        if ref:
-            self.condition(cond.PROFILE_READY, False, "ProfileNotReady",
-                           f"SLMProfile {name} (spec.profiling.profileRef) has no measured knee yet")
-            return None
-        return self.profile_in_progress(spec, node, profile, measured)
-
-    def profile_in_progress(self, spec, node: GPUNode, profile: dict, measured: SLMProfileStatus) -> None:
-        name, uid = profile["metadata"]["name"], profile["metadata"].get("uid")
-        job_name = profiling_job_name(name)
-        job = self.kube.get_job(self.namespace, job_name)
-        if job is None and measured.phase != "Failed" and uid:
-            for access in build_profiler_access(self.namespace, PROFILER_CLUSTER_ROLE):
-                self.kube.apply(access)
-            owner = Owner(kind="SLMProfile", name=name, uid=uid, namespace=self.namespace)
-            conditions = profile_conditions(spec, node.gpu_memory_mib)
-            slots = node.sharing_slots if spec.placement == Placement.device_plugin else 1
-            if self.kube.create_if_absent(build_profiling_job(owner, conditions, spec, node.name, slots)):
-                kopf.info(self.body, reason="ProfilingStarted",
-                          message=f"profiling Job {job_name} started on node {node.name}")
-        failed = job is not None and any(c.type == "Failed" and c.status == "True"
-                                         for c in (job.status.conditions or []))
-        if failed or measured.phase == "Failed":
-            why = measured.message or next((c.message for c in job.status.conditions if c.type == "Failed"), "")
-            self.status.profiling_phase = None
-            self.condition(cond.PROFILE_READY, False, "ProfilingFailed",
-                           f"profiling Job {job_name} failed after its retries: {why}. Delete SLMProfile {name} "
-                           "to profile again", warn=True)
-            return
-        self.status.profiling_phase = measured.profiling_phase
-        progress = measured.message or "waiting for the profiling Job to start"
-        self.condition(cond.PROFILE_READY, False, "Profiling", f"SLMProfile {name}: {progress}")
-        return
-
-    def place(self, spec: SLMDeploymentSpec, node: GPUNode, profile: SLMProfileStatus | None) -> None:
-        decided = plan(spec, profile, node.gpu_memory_mib, node.sharing_slots)
-        owner = Owner(kind="SLMDeployment", name=self.name, uid=self.meta["uid"], namespace=self.namespace)
-        objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node.name)]
-        if spec.placement == Placement.dra:
-            objects.insert(0, build_resource_claim(owner, spec, decided))
-        for obj in objects:
-            self.kube.apply(obj)
-        self.status.plan, self.status.replicas = decided, decided.replicas
-        self.status.endpoint = service_endpoint(owner, spec)
-        where = "on the CPU" if spec.engine.device == Device.cpu else f"sharing one GPU by {spec.sharing.value}"
-        self.condition(cond.PLACED, True, "StatefulSetApplied",
-                       f"{decided.replicas} replica(s) on node {node.name} {where}: {decided.explanation}")
-        self.follow_replicas(decided.replicas)
-
-    def follow_replicas(self, planned: int) -> None:
-        pods = self.kube.pods(self.namespace, selector_labels(self.name))
-        states = [replica_state(p) for p in pods]
-        ready = sum(s.ready for s in states)
-        self.status.ready_replicas = ready
-        problem = cond.replica_problem(states)
-        if problem:
-            self.condition(cond.AVAILABLE, False, "ReplicaFailing", problem, warn=True)
-        elif ready >= planned:
-            self.condition(cond.AVAILABLE, True, "ReplicasReady", f"{ready}/{planned} replicas ready")
-        else:
-            self.condition(cond.AVAILABLE, False, "ReplicasStarting",
-                           f"{ready}/{planned} replicas ready; they start one by one")
+@kopf.on.cleanup()
+async def operator_cleanup(**_) -> None:
+    if _controller is not None:
+        await _controller.stop()
 
 
-def replica_state(pod) -> cond.ReplicaState:
-    statuses = pod.status.container_statuses or []
-    engine = next((s for s in statuses if s.name == "engine"), statuses[0] if statuses else None)
-    if engine is None:
-        return cond.ReplicaState(name=pod.metadata.name, ready=False)
-    waiting = engine.state.waiting.reason if engine.state and engine.state.waiting else None
-    terminated = engine.last_state.terminated if engine.last_state else None
-    return cond.ReplicaState(name=pod.metadata.name, ready=bool(engine.ready), waiting_reason=waiting,
-                             last_termination_reason=terminated.reason if terminated else None,
-                             restarts=engine.restart_count or 0)
+# ---------------------------------------------------------------- events only mark work
 
 
-def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
-    started = time.monotonic()
-    reconciler = Reconciler(body, kube(), datetime.now(UTC))
-    try:
-        status = reconciler.run()
-    except Exception:
-        ERRORS.inc()
-        raise
-    # Every known field is written, absent ones as None, so a merge patch also clears them.
-    for field in SLMDeploymentStatus.model_fields.values():
-        patch.status[field.alias] = status.get(field.alias)
-    log.debug("reconciled %s in %.3fs", body["metadata"]["name"], time.monotonic() - started)
-    if reconciler.waiting_for_node:
-        # The status says why; try again later, when a matching node may have joined.
-        raise kopf.TemporaryError("no matching GPU node yet", delay=NODE_RETRY_SECONDS)
-
-
-@kopf.on.create(API_GROUP, API_VERSION, "slmdeployments")
-@kopf.on.update(API_GROUP, API_VERSION, "slmdeployments", field="spec")
-@kopf.on.resume(API_GROUP, API_VERSION, "slmdeployments")
-def slmdeployment_changed(body, patch, **_) -> None:
-    reconcile(body, patch)
-
-
-# The status follows what the deployment depends on. These are event handlers, not timers:
-# kopf guards timers with a finalizer, and a finalizer would block deletion whenever the
-# operator is not running. Each event re-runs the same level-triggered reconcile.
-
-
-def refresh(namespace: str, name: str) -> None:
-    body = kube().get_deployment(namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return
-    status = Reconciler(body, kube(), datetime.now(UTC)).run()
-    kube().patch_deployment_status(namespace, name, {
-        field.alias: status.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()},
-        body["metadata"]["resourceVersion"])
+@kopf.on.event(API_GROUP, API_VERSION, "slmdeployments")
+async def slmdeployment_event(namespace, name, **_) -> None:
+    controller().queue.add((namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def engine_pod_event(labels, namespace, **_) -> None:
-    refresh(namespace, labels[DEPLOYMENT_LABEL])
+@kopf.on.event("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def child_event(labels, namespace, **_) -> None:
+    for name in controller().all("deployments_by_label", (namespace, labels[DEPLOYMENT_LABEL])):
+        controller().queue.add((namespace, name))
+
+
+_profile_seen: dict[tuple, str] = {}
 
 
 @kopf.on.event(API_GROUP, API_VERSION, "slmprofiles")
-def slmprofile_event(name, namespace, **_) -> None:
-    for deployment in kube().deployments_using_profile(namespace, name):
-        refresh(namespace, deployment)
+async def slmprofile_event(name, namespace, body, type, **_) -> None:
+    # Only a new measurement matters to its users, not their own ownerReference writes.
+    seen = json.dumps([type == "DELETED", body.get("status")], sort_keys=True, default=str)
+    if _profile_seen.get((namespace, name)) == seen:
+        return
+    _profile_seen[(namespace, name)] = seen
+    for deployment in controller().all("deployments_by_profile", (namespace, name)):
+        controller().queue.add((namespace, deployment))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
-def profiling_job_event(labels, namespace, **_) -> None:
-    for deployment in kube().deployments_using_profile(namespace, labels[PROFILE_LABEL]):
-        refresh(namespace, deployment)
+async def profiling_job_event(labels, namespace, **_) -> None:
+    for deployment in controller().all("deployments_by_profile", (namespace, labels[PROFILE_LABEL])):
+        controller().queue.add((namespace, deployment))

@@ -14,6 +14,7 @@ PROFILE_READY = "ProfileReady"
 PLACED = "Placed"
 AVAILABLE = "Available"
 INVALID_SPEC = "InvalidSpec"
+ONE_GPU = "OneGPU"
 
 
 def set_condition(conditions: list[Condition], type_: str, status: bool | str, reason: str, message: str,
@@ -43,6 +44,9 @@ def derive_phase(conditions: list[Condition]) -> Phase:
     profile = get_condition(conditions, PROFILE_READY)
     if profile is not None and profile.status == "False":
         return Phase.failed if profile.reason == "ProfilingFailed" else Phase.profiling
+    one_gpu = get_condition(conditions, ONE_GPU)
+    if one_gpu is not None and one_gpu.status == "False":
+        return Phase.degraded
     available = get_condition(conditions, AVAILABLE)
     if available is not None and available.status == "True":
         return Phase.ready
@@ -65,6 +69,8 @@ class ReplicaState:
     waiting_reason: str | None = None  # e.g. CrashLoopBackOff, ImagePullBackOff
     last_termination_reason: str | None = None  # e.g. OOMKilled, Error
     restarts: int = 0
+    node: str | None = None  # the node it was scheduled to
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, from slmpack.GPU_UUIDS_ANNOTATION
 
 
 FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",

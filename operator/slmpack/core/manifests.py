@@ -23,6 +23,7 @@ from slmpack.api.models import (
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
+from slmpack.core.validation import MEMORY, PRODUCT, REPLICAS, SHARING_STRATEGY, GPUNode, product_labels
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
@@ -133,10 +134,28 @@ def pod_security_context() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def scratch_volumes(spec: SLMDeploymentSpec) -> tuple[list[dict], list[dict]]:
-    """Writable /tmp (caches, compiled kernels), shared memory for the engine, and the model volume."""
-    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+def mps_client(spec: SLMDeploymentSpec, node: GPUNode | None) -> bool:
+    """Whether the pod's GPU comes with an MPS server that the cluster runs (device plugin or DRA driver)."""
+    if spec.engine.device != Device.gpu:
+        return False
+    if spec.placement == Placement.dra:
+        return spec.sharing == Sharing.mps
+    return node is not None and node.sharing_strategy == "mps"
+
+
+def scratch_volumes(spec: SLMDeploymentSpec, own_shm: bool = True) -> tuple[list[dict], list[dict]]:
+    """Writable /tmp (caches, compiled kernels), shared memory for the engine, and the model volume.
+
+    An MPS client gets /dev/shm from whoever runs the MPS server: the device plugin mounts the
+    node's MPS shm there and the DRA driver a per-claim tmpfs (NVIDIA/k8s-device-plugin
+    internal/plugin/mps.go; dra-driver-nvidia-gpu cmd/gpu-kubelet-plugin/sharing.go). The
+    kubelet mounts a pod's own volumes after the plugin's, so an emptyDir there would hide it
+    (kubernetes pkg/kubelet/kubelet_pods.go): such pods (`own_shm=False`) declare none.
+    """
+    volumes, mounts = [{"name": "tmp", "emptyDir": {}}], [{"name": "tmp", "mountPath": "/tmp"}]
+    if own_shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     source = spec.model.volume
     if source is not None:
         if source.host_path:
@@ -155,14 +174,37 @@ def base_env(spec: SLMDeploymentSpec) -> list[dict]:
     return env + [e.to_wire() for e in spec.engine.env]
 
 
-def node_selector(spec: SLMDeploymentSpec, node: str | None) -> dict[str, str]:
+def node_selector(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict[str, str]:
     selector = dict(spec.gpu.node_selector)
-    if spec.gpu.product:
-        selector["nvidia.com/gpu.product"] = spec.gpu.product
     if node:
         # All pods of a pack share one GPU, so they must land on one node.
-        selector["kubernetes.io/hostname"] = node
+        selector["kubernetes.io/hostname"] = node.name
     return selector
+
+
+def node_affinity(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict | None:
+    """The GPU labels a pod's node must carry, as a required node affinity.
+
+    The product matches `X` and `X-SHARED` (GFD's label on a shared GPU), which a nodeSelector
+    cannot say. On the device plugin the plan is sized for the chosen node's sharing strategy,
+    slots per GPU (MPS caps each client at 1/R) and memory, so those must stay what they were.
+    """
+    expressions = []
+    if spec.gpu.product:
+        expressions.append({"key": PRODUCT, "operator": "In", "values": product_labels(spec.gpu.product)})
+    if node is not None and spec.placement == Placement.device_plugin and spec.engine.device == Device.gpu:
+        expressions += [{"key": key, "operator": "In", "values": [node.labels[key]]}
+                        for key in (SHARING_STRATEGY, REPLICAS, MEMORY) if key in node.labels]
+    if not expressions:
+        return None
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
+
+
+def placement(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict:
+    """The pod spec's nodeSelector and affinity."""
+    affinity = node_affinity(spec, node)
+    return {"nodeSelector": node_selector(spec, node), **({"affinity": affinity} if affinity else {})}
 
 
 def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[str]:
@@ -175,30 +217,28 @@ def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[st
         args += ["--revision", model.revision]
     if plan.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(plan.gpu_memory_utilization)]
+    if plan.kv_cache_memory_bytes is not None:
+        # A fixed KV cache (vLLM >= 0.10.2): no replica sizes itself from what its neighbours hold.
+        args += ["--kv-cache-memory-bytes", str(plan.kv_cache_memory_bytes)]
     return args + list(spec.engine.extra_args)
-
-
-def mps_env(plan: Plan) -> list[dict]:
-    if plan.mps_active_thread_percentage is None:
-        return []
-    env = [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(plan.mps_active_thread_percentage)}]
-    if plan.mps_pinned_memory_limit_mib:
-        env.append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": f"0={plan.mps_pinned_memory_limit_mib}M"})
-    return env
 
 
 # ---------------------------------------------------------------- SLMDeployment children
 
 
-def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: str | None) -> dict:
-    """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right."""
-    volumes, mounts = scratch_volumes(spec)
+def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUNode | None) -> dict:
+    """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right.
+
+    No CUDA_MPS_* env: the MPS limits are the daemon's defaults (memory/R and 100/R % under the
+    device plugin, the claim's settings under DRA), which the clients get without asking.
+    """
+    volumes, mounts = scratch_volumes(spec, own_shm=not mps_client(spec, node))
     resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
     pod_spec: dict = {
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "nodeSelector": node_selector(spec, node),
+        **placement(spec, node),
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }
@@ -214,7 +254,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: s
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec) + mps_env(plan),
+        "env": base_env(spec),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
@@ -329,14 +369,19 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
 
 
 def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spec: SLMDeploymentSpec,
-                        node: str | None, gpu_slots: int) -> dict:
-    """The Job that measures the model on a whole GPU of a matching node and writes the SLMProfile status."""
-    volumes, mounts = scratch_volumes(spec)
+                        node: GPUNode | None) -> dict:
+    """The Job that measures the model on a matching node and writes the SLMProfile status.
+
+    It requests one slot, as a replica does: the device plugin refuses more than one under MPS
+    ("maximum request size for shared resources is 1", NVIDIA/k8s-device-plugin internal/rm/rm.go),
+    and as an MPS client of the plugin every process in the pod gets the replicas' memory/R and
+    100/R % caps, so it measures the regime that is deployed.
+    """
+    volumes, mounts = scratch_volumes(spec, own_shm=not mps_client(spec, node))
     # The Job runs up to maxReplicas engines at once, so the per-replica memory limit is not its own.
     limits = {k: v for k, v in spec.resources.limits.items() if k != "memory"}
     resources = {"requests": dict(spec.resources.requests), "limits": limits}
-    # Every sharing slot of the GPU, so nothing else runs on it while it is measured.
-    resources["limits"][spec.gpu.resource_name] = str(gpu_slots)
+    resources["limits"][spec.gpu.resource_name] = "1"
     labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: label_value(profile_owner.name),
               **MANAGED_BY}
     return {
@@ -354,7 +399,7 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                     "restartPolicy": "Never",
                     "serviceAccountName": PROFILER_SERVICE_ACCOUNT,
                     "securityContext": pod_security_context(),
-                    "nodeSelector": node_selector(spec, node),
+                    **placement(spec, node),
                     "volumes": volumes,
                     "containers": [{
                         "name": "profiler",

@@ -46,3 +46,29 @@ def feasible_replicas(footprint: MemoryFootprint, gpu_memory_mib: int, batch_siz
     """How many replicas fit in `budget_fraction` of the GPU, each at the given batch (0 if none)."""
     need = replica_memory_mib(footprint, batch_size, tokens_per_sequence)
     return int(gpu_memory_mib * budget_fraction // need)
+
+
+# ---------------------------------------------------------------- one replica's share of a GPU
+
+# Kept free under each replica's budget for what the engine allocates beyond its own accounting
+# (cuBLAS and NCCL workspaces, allocator fragmentation): 5 % of the share, at least 256 MiB.
+HEADROOM_FRACTION = 0.05
+MIN_HEADROOM_MIB = 256
+
+
+def mps_client_limit_mib(gpu_memory_mib: int, slots_per_gpu: int) -> int:
+    """The pinned device-memory limit of every client of the device plugin's MPS daemon.
+
+    The daemon sets `<total_bytes / R / 2^20>M` per GPU for R replicas and passes nothing to
+    the clients (NVIDIA/k8s-device-plugin cmd/mps-control-daemon/mps/daemon.go).
+    """
+    return gpu_memory_mib // max(slots_per_gpu, 1)
+
+
+def headroom_mib(share_mib: int) -> int:
+    return max(MIN_HEADROOM_MIB, math.ceil(share_mib * HEADROOM_FRACTION))
+
+
+def kv_cache_budget_mib(footprint: MemoryFootprint, share_mib: int) -> int:
+    """The KV cache one replica may hold in its share: share - weights - overhead - headroom (may be <= 0)."""
+    return share_mib - footprint.weights_mib - footprint.overhead_mib - headroom_mib(share_mib)

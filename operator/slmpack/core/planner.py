@@ -3,11 +3,18 @@
 - Replicas: the measured replica count with the highest aggregate throughput within the
   latency SLO, capped by what the memory model says fits and by the sharing slots the
   node advertises. A fixed `spec.replicas` overrides the measurement.
-- `--max-num-seqs` is the knee batch; `--gpu-memory-utilization` is 0.9/N, so the N
-  replicas together claim what one replica would by default.
-- Under MPS each replica gets an equal share of the SMs (active thread percentage) and a
-  pinned device-memory limit equal to its memory budget, so one replica cannot starve or
-  crowd out the others.
+  Under the device plugin's MPS the count stays within the R slots per GPU, and the status
+  says why when it is fewer.
+- `--max-num-seqs` is the knee batch.
+- Memory, one share per replica: under the device plugin's MPS the daemon pins every client
+  at memory/R (and 100/R % of the SMs), so the share is memory/R whatever N is; otherwise
+  (time-slicing, no sharing, DRA) it is 0.9 x memory / N. With a memory model the KV cache is
+  fixed in bytes, `--kv-cache-memory-bytes` = share - weights - overhead - headroom, so no
+  replica depends on what its neighbours hold when it starts; `--gpu-memory-utilization`
+  never asks for more than the share (less the headroom under MPS), since vLLM refuses to
+  start when less than that is free.
+- Under DRA's MPS each replica's claim gets an equal share of the SMs and a pinned limit
+  equal to its share, so one replica cannot starve or crowd out the others.
 - On CPU (development clusters) the KV cache is `VLLM_CPU_KVCACHE_SPACE` per replica.
 """
 
@@ -18,16 +25,40 @@ import math
 from slmpack.api.models import (
     Device,
     LatencySLO,
+    MemoryFootprint,
     Plan,
     ReplicationPoint,
     Sharing,
     SLMDeploymentSpec,
     SLMProfileStatus,
 )
-from slmpack.core.memory import GPU_BUDGET_FRACTION, feasible_replicas
+from slmpack.core.memory import (
+    GPU_BUDGET_FRACTION,
+    MIB,
+    feasible_replicas,
+    headroom_mib,
+    kv_cache_budget_mib,
+    mps_client_limit_mib,
+)
+from slmpack.core.validation import InvalidSpec
 
 # vLLM's own default for --max-num-seqs, used when no knee is known (fixed replicas, no profile).
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
+
+
+def kv_cache_bytes(spec: SLMDeploymentSpec, footprint: MemoryFootprint, share_mib: int) -> int:
+    """One replica's KV cache in bytes, for vLLM's --kv-cache-memory-bytes; InvalidSpec when it cannot
+    hold one sequence of spec.model.maxModelLen tokens (vLLM refuses to start then)."""
+    kv_mib = kv_cache_budget_mib(footprint, share_mib)
+    longest_mib = math.ceil(footprint.kv_bytes_per_token * spec.model.max_model_len / MIB)
+    if kv_mib < longest_mib:
+        raise InvalidSpec(
+            f"spec.model: {footprint.weights_mib} MiB of weights + {footprint.overhead_mib} MiB overhead + "
+            f"{headroom_mib(share_mib)} MiB headroom + {longest_mib} MiB of KV cache for one "
+            f"{spec.model.max_model_len}-token sequence do not fit one replica's {share_mib} MiB share of the GPU: "
+            "lower spec.model.maxModelLen or spec.replicas, or use nodes with fewer sharing replicas "
+            "(nvidia.com/gpu.replicas) or more GPU memory")
+    return kv_mib * MIB
 
 
 def within_slo(point: ReplicationPoint, slo: LatencySLO) -> bool:
@@ -43,31 +74,39 @@ def best_measured(profile: SLMProfileStatus, slo: LatencySLO) -> ReplicationPoin
     return max(candidates, key=lambda p: p.aggregate_throughput_tokens_per_s, default=None)
 
 
+def choose_replicas(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, reasons: list[str]) -> int:
+    """Replicas per GPU from the spec or the replication measurements, before any cap."""
+    measured = best_measured(profile, spec.profiling.slo) if profile else None
+    if spec.replicas != "auto":
+        reasons.append(f"{spec.replicas} replicas fixed by spec.replicas")
+        return spec.replicas
+    if measured is not None:
+        reasons.append(f"{measured.replicas} replicas gave the highest measured aggregate throughput "
+                       f"({measured.aggregate_throughput_tokens_per_s:.0f} tok/s) within the SLO")
+        return measured.replicas
+    replicas = profile.recommended_replicas if profile and profile.recommended_replicas else 1
+    reasons.append(f"{replicas} replica(s): no replication measurement within the SLO")
+    return replicas
+
+
 def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_mib: int | None = None,
-         sharing_slots: int | None = None) -> Plan:
+         sharing_slots: int | None = None, plugin_mps: bool = False) -> Plan:
     """Decide replicas per GPU and per-replica settings.
 
     `gpu_memory_mib` is the GPU's memory (the node's nvidia.com/gpu.memory label);
-    `sharing_slots` is how many pods may share it (nvidia.com/gpu.replicas).
+    `sharing_slots` is how many pods may share it (nvidia.com/gpu.replicas, R);
+    `plugin_mps` says the device plugin's MPS daemon caps every client at 1/R.
+    Raises InvalidSpec when the model cannot fit one replica's share.
     """
     knee = profile.knee.batch_size if profile and profile.knee else None
     tokens_per_sequence = spec.profiling.workload.input_tokens + spec.profiling.workload.output_tokens
     reasons: list[str] = []
-    measured = best_measured(profile, spec.profiling.slo) if profile else None
-
-    if spec.replicas != "auto":
-        replicas = spec.replicas
-        reasons.append(f"{replicas} replicas fixed by spec.replicas")
-    elif measured is not None:
-        replicas = measured.replicas
-        reasons.append(f"{replicas} replicas gave the highest measured aggregate throughput "
-                       f"({measured.aggregate_throughput_tokens_per_s:.0f} tok/s) within the SLO")
-    else:
-        replicas = profile.recommended_replicas if profile and profile.recommended_replicas else 1
-        reasons.append(f"{replicas} replica(s): no replication measurement within the SLO")
+    replicas = choose_replicas(spec, profile, reasons)
+    gpu = spec.engine.device == Device.gpu
+    slots = sharing_slots or 1
 
     if spec.replicas == "auto":
-        if profile and profile.memory and gpu_memory_mib and knee and spec.engine.device == Device.gpu:
+        if profile and profile.memory and gpu_memory_mib and knee and gpu and not plugin_mps:
             fits = feasible_replicas(profile.memory, gpu_memory_mib, knee, tokens_per_sequence)
             if fits < replicas:
                 replicas = max(fits, 1)
@@ -76,19 +115,34 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
         if sharing_slots and sharing_slots < replicas:
             replicas = sharing_slots
             reasons.append(f"capped at {replicas} by the GPU's {sharing_slots} sharing slots")
+    if plugin_mps and gpu and replicas < slots:
+        reasons.append(f"{replicas} of the GPU's {slots} MPS slots used: the device plugin's MPS daemon caps each "
+                       f"replica at 1/{slots} of the memory and SMs whatever the count, so {slots - replicas} "
+                       "slot(s) stay idle")
 
     max_num_seqs = knee or VLLM_DEFAULT_MAX_NUM_SEQS
     reasons.append(f"--max-num-seqs {max_num_seqs} " + ("at the knee" if knee else "(vLLM's default: no knee known)"))
 
-    gpu = spec.engine.device == Device.gpu
-    utilization = math.floor(GPU_BUDGET_FRACTION / replicas * 1000) / 1000 if gpu else None
-    if gpu and gpu_memory_mib:
-        memory_per_replica = int(gpu_memory_mib * utilization)
-    elif not gpu:
-        memory_per_replica = spec.engine.cpu_kv_cache_space_gib * 1024
-    else:
-        memory_per_replica = None
     mps = gpu and spec.sharing == Sharing.mps
+    utilization = memory_per_replica = pinned = threads = kv_bytes = None
+    if gpu and plugin_mps and gpu_memory_mib:
+        # The daemon's defaults, which the replicas get whatever they ask for.
+        pinned = mps_client_limit_mib(gpu_memory_mib, slots)
+        threads = 100 // slots
+        memory_per_replica = pinned
+        utilization = math.floor((pinned - headroom_mib(pinned)) / gpu_memory_mib * 1000) / 1000
+        reasons.append(f"each replica fits under the MPS limit of {pinned} MiB (memory/{slots}) with "
+                       f"{headroom_mib(pinned)} MiB headroom")
+    elif gpu:
+        utilization = math.floor(GPU_BUDGET_FRACTION / replicas * 1000) / 1000
+        memory_per_replica = int(gpu_memory_mib * utilization) if gpu_memory_mib else None
+        if mps:  # DRA's MPS: the claim sets these limits for its clients
+            threads, pinned = math.ceil(100 / replicas), memory_per_replica
+    else:
+        memory_per_replica = spec.engine.cpu_kv_cache_space_gib * 1024
+    if gpu and profile and profile.memory and memory_per_replica:
+        kv_bytes = kv_cache_bytes(spec, profile.memory, memory_per_replica)
+        reasons.append(f"--kv-cache-memory-bytes {kv_bytes} (share - weights - overhead - headroom)")
 
     chosen = next((p for p in (profile.replication if profile else []) if p.replicas == replicas), None)
     if chosen is not None and chosen.error is None:
@@ -108,8 +162,9 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
         max_num_seqs=max_num_seqs,
         gpu_memory_utilization=utilization,
         memory_per_replica_mib=memory_per_replica,
-        mps_active_thread_percentage=math.ceil(100 / replicas) if mps else None,
-        mps_pinned_memory_limit_mib=memory_per_replica if mps else None,
+        kv_cache_memory_bytes=kv_bytes,
+        mps_active_thread_percentage=threads,
+        mps_pinned_memory_limit_mib=pinned,
         predicted_throughput_tokens_per_s=throughput,
         predicted_p99_itl_ms=p99_itl,
         energy_per_token_joules=energy,

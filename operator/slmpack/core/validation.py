@@ -16,6 +16,16 @@ PRODUCT = "nvidia.com/gpu.product"
 MEMORY = "nvidia.com/gpu.memory"
 REPLICAS = "nvidia.com/gpu.replicas"
 SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
+COUNT = "nvidia.com/gpu.count"
+SHARED_SUFFIX = "-SHARED"
+
+
+def product_labels(product: str) -> list[str]:
+    """The values GFD may give `nvidia.com/gpu.product` for this product: as is, and with `-SHARED`,
+    which it appends when the device plugin shares the GPU (replicas > 1) without renaming the
+    resource (NVIDIA/k8s-device-plugin internal/lm/resource.go, productLabel)."""
+    base = product.removesuffix(SHARED_SUFFIX)
+    return [base, base + SHARED_SUFFIX]
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,16 @@ class GPUNode:
     @property
     def sharing_slots(self) -> int:
         return self.label_int(REPLICAS) or 1
+
+    @property
+    def sharing_strategy(self) -> str:
+        """none, time-slicing or mps, as GFD labels it; none when unlabelled."""
+        return self.labels.get(SHARING_STRATEGY, "none")
+
+    @property
+    def gpu_count(self) -> int | None:
+        """Physical GPUs on the node (nvidia.com/gpu.count), when labelled."""
+        return self.label_int(COUNT)
 
 
 class InvalidSpec(ValueError):
@@ -83,7 +103,7 @@ def spec_problems(spec: SLMDeploymentSpec) -> list[str]:
 
 
 def node_matches(spec: SLMDeploymentSpec, node: GPUNode) -> bool:
-    if spec.gpu.product and node.labels.get(PRODUCT) != spec.gpu.product:
+    if spec.gpu.product and node.labels.get(PRODUCT) not in product_labels(spec.gpu.product):
         return False
     if any(node.labels.get(k) != v for k, v in spec.gpu.node_selector.items()):
         return False
@@ -97,7 +117,12 @@ def node_matches(spec: SLMDeploymentSpec, node: GPUNode) -> bool:
 
 
 def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
-    """The node to pack on: it matches the GPU selector and has the most sharing slots.
+    """The node to pack on: it matches the GPU selector, has one GPU if any such node does, and
+    then the most sharing slots.
+
+    On a node with one GPU (nvidia.com/gpu.count=1) the device plugin can only give the pack's
+    pods slots of that GPU; with several, it spreads them (its default `distributed` policy),
+    so the pack may split, which the operator then reports.
 
     Raises InvalidSpec naming what no node offers.
     """
@@ -105,15 +130,17 @@ def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
     if not matching:
         wanted = [f"{spec.gpu.resource_name} allocatable" if spec.placement == Placement.device_plugin else "a GPU"]
         if spec.gpu.product:
-            wanted.append(f"{PRODUCT}={spec.gpu.product}")
+            wanted.append(f"{PRODUCT} in ({', '.join(product_labels(spec.gpu.product))})")
         wanted += [f"{k}={v}" for k, v in spec.gpu.node_selector.items()]
         if spec.placement == Placement.device_plugin:
             wanted.append(f"{SHARING_STRATEGY}={spec.sharing.value}")
         raise NoMatchingNode("spec.gpu: no node offers " + ", ".join(wanted) +
                           ": fix spec.gpu.product / spec.gpu.nodeSelector / spec.sharing, or add such a node")
-    node = max(matching, key=lambda n: (n.sharing_slots, n.name))
+    node = max(matching, key=lambda n: (n.gpu_count == 1, n.sharing_slots, n.name))
     if spec.replicas != "auto" and spec.placement == Placement.device_plugin and spec.replicas > node.sharing_slots:
+        shared = "does not share its GPUs" if node.sharing_strategy == "none" else \
+            f"shares each GPU {node.sharing_slots} ways by {node.sharing_strategy}"
         raise InvalidSpec(f"spec.replicas ({spec.replicas}) exceeds the {node.sharing_slots} sharing slots "
-                          f"({REPLICAS}) of node {node.name}: lower spec.replicas or raise the device plugin's "
-                          "replicas")
+                          f"({REPLICAS}) of node {node.name}, which {shared}: lower spec.replicas or raise the "
+                          "device plugin's replicas, since one pack shares one GPU")
     return node

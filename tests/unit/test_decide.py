@@ -1,0 +1,149 @@
+"""The operator's whole decision, pure: a deployment and a cluster snapshot in, objects, status and Events out."""
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from slmpack.core.conditions import ReplicaState
+from slmpack.core.decide import ClusterSnapshot, Event, ProfilingJob, decide, with_status
+from slmpack.core.validation import GPUNode
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+DATA = Path(__file__).resolve().parents[1] / "data"
+H100 = GPUNode("gpu-a", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.replicas": "1",
+                         "nvidia.com/gpu.sharing-strategy": "mps", "nvidia.com/gpu.memory": "81559",
+                         "nvidia.com/gpu.count": "1"}, {"nvidia.com/gpu": 1})
+
+
+def deployment(**spec) -> dict:
+    return {"apiVersion": "slmpack.dev/v1alpha1", "kind": "SLMDeployment",
+            "metadata": {"name": "chat", "namespace": "team", "uid": "d-1", "generation": 3},
+            "spec": {"model": {"name": "HuggingFaceTB/SmolLM2-360M-Instruct", "dtype": "bfloat16",
+                               "maxModelLen": 4096},
+                     "profiling": {"workload": {"inputTokens": 512, "outputTokens": 256}}, **spec}}
+
+
+def kinds(objects) -> list[str]:
+    return [o["kind"] for o in objects]
+
+
+def condition(decision, type_):
+    return next(c for c in decision.status.conditions if c.type == type_)
+
+
+def test_a_refused_spec_creates_nothing_and_says_which_field_to_fix():
+    decision = decide(deployment(profiling={"minBatchSize": 64, "maxBatchSize": 8}), ClusterSnapshot((H100,)), NOW)
+    assert decision.apply == decision.create == []
+    refused = condition(decision, "InvalidSpec")
+    assert refused.status == "True" and refused.message.startswith("spec.profiling.minBatchSize")
+    assert refused.observed_generation == 3
+    assert decision.status.phase.value == "Failed"
+    assert [e.reason for e in decision.events] == ["InvalidSpec"] and decision.events[0].warning
+    assert decision.retry_after_seconds is None
+
+
+def test_no_matching_node_is_retried_later():
+    decision = decide(deployment(gpu={"product": "NVIDIA-A100"}), ClusterSnapshot((H100,)), NOW)
+    assert decision.create == [] and decision.retry_after_seconds == 30
+    assert "no node offers" in condition(decision, "InvalidSpec").message
+
+
+def test_without_a_profile_it_creates_one_then_its_job_once_the_profile_exists():
+    first = decide(deployment(), ClusterSnapshot((H100,)), NOW)
+    assert kinds(first.create) == ["SLMProfile"] and first.apply == []
+    assert "ProfileCreated" in [e.reason for e in first.events]
+    profile = {**first.create[0], "metadata": {**first.create[0]["metadata"], "uid": "p-1"}}
+    second = decide(with_status(deployment(), first.status), ClusterSnapshot((H100,), (profile,)), NOW)
+    assert kinds(second.create) == ["ServiceAccount", "RoleBinding", "Job"]
+    assert second.create[2]["metadata"]["ownerReferences"][0]["uid"] == "p-1"
+    assert second.status.phase.value == "Profiling"
+    # Once the Job exists, nothing more is created, and an unchanged condition posts no Event again.
+    job = ProfilingJob(name=second.create[2]["metadata"]["name"])
+    third = decide(with_status(deployment(), second.status), ClusterSnapshot((H100,), (profile,), (job,)), NOW)
+    assert third.create == [] and third.events == []
+
+
+def test_a_failed_profiling_job_is_reported_with_its_reason_and_the_fix():
+    created = decide(deployment(), ClusterSnapshot((H100,)), NOW).create[0]
+    profile = {**created, "metadata": {**created["metadata"], "uid": "p-1"}, "status": {"phase": "Profiling"}}
+    job = ProfilingJob(name=f"profile-{created['metadata']['name']}", failed=True,
+                       failure_message="Job has reached the specified backoff limit")
+    decision = decide(deployment(), ClusterSnapshot((H100,), (profile,), (job,)), NOW)
+    failed = condition(decision, "ProfileReady")
+    assert failed.reason == "ProfilingFailed" and "backoff limit" in failed.message
+    assert f"Delete SLMProfile {created['metadata']['name']}" in failed.message
+    assert decision.create == [] and decision.status.phase.value == "Failed"
+
+
+def test_a_ready_profile_places_the_pack():
+    profile = yaml.safe_load((DATA / "profiles" / "smollm2-360m-h100.yaml").read_text())
+    profile["metadata"].update(namespace="team", uid="p-1")
+    decision = decide(deployment(profiling={"profileRef": "smollm2-360m-h100"}), ClusterSnapshot((H100,), (profile,)),
+                      NOW)
+    assert kinds(decision.apply) == ["Service", "StatefulSet"] and decision.create == []
+    assert condition(decision, "Placed").status == "True"
+    assert decision.status.endpoint == "http://chat.team.svc:8000/v1"
+    assert decision.profiling_seconds is None
+
+
+def test_the_same_snapshot_gives_the_same_decision():
+    snapshot = ClusterSnapshot((H100,))
+    assert decide(deployment(), snapshot, NOW) == decide(deployment(), snapshot, NOW)
+
+
+def node(name, gpus, replicas=4) -> GPUNode:
+    return GPUNode(name, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED", "nvidia.com/gpu.memory": "81559",
+                          "nvidia.com/gpu.replicas": str(replicas), "nvidia.com/gpu.sharing-strategy": "mps",
+                          "nvidia.com/gpu.count": str(gpus)}, {"nvidia.com/gpu": gpus * replicas})
+
+
+def pod(name, *uuids, ready=True) -> ReplicaState:
+    return ReplicaState(name=name, ready=ready, node="gpu-8", gpu_uuids=uuids)
+
+
+def fixed(replicas=2) -> dict:
+    return deployment(replicas=replicas, gpu={"product": "NVIDIA-H100-80GB-HBM3"})
+
+
+def test_a_node_with_one_gpu_is_preferred_because_it_guarantees_one_gpu_per_pack():
+    decision = decide(fixed(), ClusterSnapshot((node("gpu-8", 8, replicas=7), node("gpu-1", 1))), NOW)
+    assert "on node gpu-1" in condition(decision, "Placed").message
+    guaranteed = condition(decision, "OneGPU")
+    assert (guaranteed.status, guaranteed.reason) == ("True", "SingleGPUNode")
+
+
+def test_on_a_multi_gpu_node_one_gpu_is_not_claimed_until_every_replica_reports_the_same_uuid():
+    cluster = ClusterSnapshot((node("gpu-8", 8),))
+    waiting = decide(fixed(), cluster, NOW)
+    assert (condition(waiting, "OneGPU").status, condition(waiting, "OneGPU").reason) == ("Unknown", "NotVerified")
+    one = decide(fixed(), ClusterSnapshot(cluster.nodes, pods=(pod("chat-0", "GPU-a"), pod("chat-1", "GPU-a"))), NOW)
+    assert (condition(one, "OneGPU").status, condition(one, "OneGPU").reason) == ("True", "OnOneGPU")
+    assert [(r.name, r.gpu_uuids) for r in one.status.replica_gpus] == [("chat-0", ["GPU-a"]), ("chat-1", ["GPU-a"])]
+    assert one.status.to_wire()["replicaGPUs"][0] == {"name": "chat-0", "node": "gpu-8", "gpuUUIDs": ["GPU-a"]}
+
+
+def test_a_split_pack_is_a_condition_with_a_reason_a_warning_event_and_the_fix():
+    split = decide(fixed(), ClusterSnapshot((node("gpu-8", 8),), pods=(pod("chat-0", "GPU-a"), pod("chat-1", "GPU-b"))),
+                   NOW)
+    one_gpu = condition(split, "OneGPU")
+    assert (one_gpu.status, one_gpu.reason) == ("False", "SplitAcrossGPUs")
+    assert "chat-0 on GPU-a; chat-1 on GPU-b" in one_gpu.message and "placement dra" in one_gpu.message
+    assert Event("SplitAcrossGPUs", one_gpu.message, warning=True) in split.events
+    assert split.status.phase.value == "Degraded"
+    # Reported once: the same split on the next decision posts no second Event.
+    again = decide(with_status(fixed(), split.status), ClusterSnapshot((node("gpu-8", 8),), pods=(
+        pod("chat-0", "GPU-a"), pod("chat-1", "GPU-b"))), NOW)
+    assert [e for e in again.events if e.reason == "SplitAcrossGPUs"] == []
+
+
+def test_a_profile_that_does_not_fit_the_nodes_share_is_refused_before_the_pack_is_created():
+    profile = yaml.safe_load((DATA / "profiles" / "smollm2-360m-h100.yaml").read_text())
+    profile["metadata"].update(namespace="team", uid="p-1")
+    profile["status"]["memory"]["weightsMib"] = 30000
+    decision = decide(deployment(profiling={"profileRef": "smollm2-360m-h100"}),
+                      ClusterSnapshot((node("gpu-1", 1),), (profile,)), NOW)
+    assert decision.apply == []
+    refused = condition(decision, "InvalidSpec")
+    assert refused.status == "True" and refused.message.startswith("spec.model: 30000 MiB of weights")
+    assert [e.reason for e in decision.events if e.warning] == ["InvalidSpec"]
