@@ -235,7 +235,7 @@ class Controller:
         started = time.monotonic()
         snapshot = self.snapshot(*key)
         try:
-            decision = await asyncio.to_thread(self.reconcile_once, body, snapshot)
+            decision, user_pending = await asyncio.to_thread(self.reconcile_once, body, snapshot)
         except Conflict as error:
             CONFLICTS.inc()
             raise Retry(str(error)) from None
@@ -244,41 +244,52 @@ class Controller:
             raise
         finally:
             RECONCILE_SECONDS.observe(time.monotonic() - started)
+        if user_pending:
+            return CONFLICT_RETRY_SECONDS
         if decision.outcome == "profiling":
             return decision.retry_after_seconds or PROFILING_RESYNC_SECONDS
         return decision.retry_after_seconds
 
-    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> Decision:
-        """Decide, act; again while acting created objects the decision depends on (the profile's uid).
-        Then write the status, conditionally on the resourceVersion the decision read."""
-        original = body
+    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, bool]:
+        """Decide and act, again while acting created objects the decision depends on (the profile's
+        uid); then write the status, conditionally on the resourceVersion the decision read, and
+        post its Events once it is written. True with the decision when the profile still lacks
+        this deployment as a user (a concurrent writer came first)."""
+        original, events = body, []
         for _ in range(MAX_ROUNDS):
             decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
-            created = self.act(body, decision)
+            created = self.act(decision)
+            events += decision.events
             if not created:
                 break
             body = with_status(body, decision.status)
             snapshot = with_created(snapshot, created)
         RECONCILES.labels(decision.outcome).inc()
+        user_pending = False
+        if decision.profile_user:
+            try:
+                self.kube.add_profile_user(*decision.profile_user)
+            except Conflict:
+                CONFLICTS.inc()
+                user_pending = True
         status = status_patch(decision.status)
         if status != status_patch(SLMDeploymentStatus.from_stored(original.get("status"))):
             meta = original["metadata"]
             self.kube.patch_deployment_status(meta["namespace"], meta["name"], status, meta["resourceVersion"])
-        return decision
-
-    def act(self, body: dict, decision: Decision) -> list[dict]:
-        """Carry out a decision; the objects it created, which the next decision should see."""
-        created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
-        for obj in decision.apply:
-            self.apply(obj)
-        for event in decision.events:
-            self.kube.post_event(body, event.reason, event.message, event.warning)
-            log.info("%s/%s %s: %s", body["metadata"]["namespace"], body["metadata"]["name"], event.reason,
+        for event in events:
+            self.kube.post_event(original, event.reason, event.message, event.warning)
+            log.info("%s/%s %s: %s", original["metadata"]["namespace"], original["metadata"]["name"], event.reason,
                      event.message)
         if decision.profiling_seconds:
             PROFILING_SECONDS.observe(decision.profiling_seconds)
-        if decision.profile_user:
-            self.kube.add_profile_user(*decision.profile_user)
+        return decision, user_pending
+
+    def act(self, decision: Decision) -> list[dict]:
+        """Create and apply what the decision asks for; the objects it created, which the next
+        decision should see."""
+        created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
+        for obj in decision.apply:
+            self.apply(obj)
         return created
 
     def apply(self, obj: dict) -> None:

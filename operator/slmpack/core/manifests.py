@@ -33,6 +33,8 @@ PROFILER_SERVICE_ACCOUNT = "slmpack-profiler"
 ENGINE_UID = 10001
 # Long enough for a cold engine start on a CPU (about 90 s) or a large GPU model download.
 STARTUP_SECONDS = 900
+# How long a stopping replica keeps serving before the engine gets SIGTERM (within the 30 s grace period).
+DRAIN_SECONDS = 10
 DRA_DRIVER = "gpu.nvidia.com"
 
 
@@ -259,6 +261,9 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        # A replica being replaced keeps serving until the Service stops sending to it: the endpoints
+        # controller and kube-proxy drop it a few seconds after it starts terminating.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": restricted_security_context(),
