@@ -2,9 +2,11 @@
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from e2e.cluster.nvidia_device_plugin import GpuNode
@@ -17,7 +19,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "slmpack.dev", "v1alpha1"
-OPERATOR = ["run", "--standalone", "--all-namespaces", "-m", "slmpack.controller.handlers"]
+def operator(namespace):
+    """kopf's arguments for the operator, watching the test's namespace only: tests on a shared
+    cluster must not act on each other's deployments."""
+    return ["run", "--standalone", "--namespace", namespace, "-m", "slmpack.controller.handlers"]
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
@@ -125,7 +130,7 @@ def engine_args(sts):
 
 
 def test_auto_profiles_once_then_packs_replicas_from_the_profile(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("chat"))
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         job = wait(lambda: k.jobs(), what="the profiling Job")[0]
@@ -147,7 +152,7 @@ def test_auto_profiles_once_then_packs_replicas_from_the_profile(k):
 
 
 def test_fixed_replicas_skip_profiling(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("fixed", replicas=3))
         sts = wait(lambda: k.statefulset("fixed"), what="the StatefulSet")
         assert sts.spec.replicas == 3
@@ -158,7 +163,7 @@ def test_fixed_replicas_skip_profiling(k):
 
 
 def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("a"))
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         k.write_profile(profile)
@@ -181,10 +186,10 @@ def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
 
 
 def test_an_operator_killed_mid_profiling_resumes_without_a_second_job(k):
-    with KopfRunner(OPERATOR):
+    with KopfRunner(operator(k.ns)):
         k.create(deployment("resume"))
         wait(lambda: k.jobs(), what="the profiling Job")
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         time.sleep(6)  # several timer rounds
         assert len(k.jobs()) == 1 and len(k.profiles()) == 1
         k.write_profile(k.profiles()[0]["metadata"]["name"])
@@ -193,7 +198,7 @@ def test_an_operator_killed_mid_profiling_resumes_without_a_second_job(k):
 
 
 def test_deletion_leaves_nothing_behind(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("gone"))
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         k.write_profile(profile)
@@ -208,7 +213,7 @@ def test_deletion_leaves_nothing_behind(k):
 
 
 def test_a_crash_looping_replica_marks_the_deployment_degraded(k, busybox_image):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         # busybox has no python3: the engine command cannot start, so the replica crash-loops.
         k.create(deployment("broken", replicas=1, engine={"device": "cpu", "image": busybox_image}))
         status = wait(lambda: k.status("broken").get("phase") == "Degraded" and k.status("broken"), 120,
@@ -220,6 +225,11 @@ def test_a_crash_looping_replica_marks_the_deployment_degraded(k, busybox_image)
 
 BAD_AT_APPLY = [
     ({"sharing": "mig"}, "spec.sharing"),
+    ({"gpu": {"nodeSelector": {"zone": "not a label value"}}}, "spec.gpu.nodeSelector"),
+    ({"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits"),
+    ({"engine": {"env": [{"name": "1 X"}]}}, "spec.engine.env"),
+    ({"profiling": {"batchSizes": [8, 8]}}, "spec.profiling.batchSizes"),
+    ({"profiling": {"jobActiveDeadlineSeconds": 5}}, "spec.profiling.jobActiveDeadlineSeconds"),
     ({"replicas": 0}, "spec.replicas"),
     ({"replicas": "many"}, "spec.replicas"),
     ({"profiling": {"efficiencyThresholdPercent": 0}}, "spec.profiling.efficiencyThresholdPercent"),
@@ -235,8 +245,11 @@ def test_bad_specs_are_rejected_at_apply(k, spec, field):
     assert error.value.status == 422 and field in error.value.body
 
 
+# What CEL rules refuse at apply from Kubernetes 1.25; this 1.20 apiserver ignores them, so the operator must.
 BAD_AT_RECONCILE = [
     ({"profiling": {"minBatchSize": 64, "maxBatchSize": 8}}, "spec.profiling.minBatchSize"),
+    ({"gpu": {"nodeSelector": {"bad key!": "x"}}}, "spec.gpu.nodeSelector"),
+    ({"model": {"name": "/data/m", "volume": {"hostPath": "/srv/m"}}}, "spec.model.name must be a path under"),
     ({"gpu": {"product": "NVIDIA-A100-SXM4-40GB"}}, "spec.gpu: no node offers"),
     ({"replicas": 9}, "spec.replicas (9) exceeds the 4 sharing slots"),
     ({"model": {"name": "m", "maxModelLen": 128}}, "spec.profiling.workload needs 256 tokens"),
@@ -244,7 +257,7 @@ BAD_AT_RECONCILE = [
 
 
 def test_bad_specs_are_marked_invalid_with_an_event_and_create_nothing(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         for i, (spec, _) in enumerate(BAD_AT_RECONCILE):
             k.create(deployment(f"bad-{i}", **spec))
         for i, (_, message) in enumerate(BAD_AT_RECONCILE):
@@ -259,9 +272,83 @@ def test_bad_specs_are_marked_invalid_with_an_event_and_create_nothing(k):
     assert runner.exception is None, runner.output
 
 
+def test_a_name_at_the_limit_gets_its_statefulset_service_and_pods(k):
+    name = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters, the longest legal name
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment(name, replicas=1, engine={"device": "cpu", "image": "registry.invalid/absent:0"}))
+        status = wait(lambda: k.status(name).get("endpoint") and k.status(name), 60, "the endpoint in status")
+        child = status["endpoint"].split("//")[1].split(".")[0]
+        assert len(child) <= 52 and k.statefulset(child).spec.service_name == child
+        pod = wait(lambda: k.core.list_namespaced_pod(k.ns).items, 60, "the replica pod")[0]
+        assert pod.metadata.name == f"{child}-0"
+        assert len(pod.metadata.labels["controller-revision-hash"]) <= 63
+        wait(lambda: k.status(name).get("readyReplicas") == 0, 30, "its replica followed in status")
+    assert runner.exception is None, runner.output
+
+
 def test_the_generated_crds_are_what_kubectl_explain_serves(cluster, node_kubeconfig):
     kubectl = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
     explained = subprocess.run([kubectl, "--kubeconfig", node_kubeconfig, "explain", "slmdeployment.spec.sharing"],
                                capture_output=True, text=True, check=True).stdout
     assert "How co-located replicas share one GPU" in explained
     assert yaml.safe_load((ROOT / "crds/slmdeployments.slmpack.dev.yaml").read_text())["spec"]["names"]["shortNames"]
+
+
+def ready_profile(k, name, knee):
+    """A measured SLMProfile for spec.profiling.profileRef (as the profiler writes it)."""
+    k.custom.create_namespaced_custom_object(GROUP, VERSION, k.ns, "slmprofiles", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMProfile", "metadata": {"name": name},
+        "spec": {"conditions": {"model": "/models/SmolLM2-135M-Instruct", "device": "cpu", "maxModelLen": 512}}})
+    k.write_profile(name, knee=knee, replication=((1, 100.0), (2, 150.0)))
+
+
+class Traffic(threading.Thread):
+    """One completion at a time through the Service's ClusterIP, counting what fails."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.ok, self.failures, self.stop = url, 0, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                reply = httpx.post(self.url, timeout=60, json={
+                    "model": "roll", "prompt": "The capital of France is", "max_tokens": 4})
+                reply.raise_for_status()
+                self.ok += 1
+            except httpx.HTTPError as error:
+                self.failures.append(f"{time.strftime('%X')} {error!r}")
+            time.sleep(0.1)
+
+
+@pytest.mark.engine
+def test_a_plan_change_rolls_the_replicas_while_the_service_keeps_answering(k):
+    ready_profile(k, "knee-8", knee=8)
+    ready_profile(k, "knee-4", knee=4)
+    spec = {"model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
+            "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
+            "profiling": {"profileRef": "knee-8"},
+            "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create({**deployment("roll"), "spec": spec})
+        wait(lambda: k.status("roll").get("readyReplicas") == 2, 600, "two replicas ready")
+        service = k.core.read_namespaced_service("roll", k.ns).spec.cluster_ip
+        traffic = Traffic(f"http://{service}:8000/v1/completions")
+        traffic.start()
+        wait(lambda: traffic.ok >= 3, 60, "traffic through the Service")
+        k.patch("roll", {"profiling": {"profileRef": "knee-4"}})  # the plan changes: --max-num-seqs 8 -> 4
+
+        def rolled():
+            sts = k.statefulset("roll")
+            args = [engine_args(p) for p in [sts]][0]
+            return (args[args.index("--max-num-seqs") + 1] == "4"
+                    and sts.status.update_revision == sts.status.current_revision
+                    and sts.status.updated_replicas == 2 and sts.status.ready_replicas == 2)
+
+        wait(rolled, 600, "both replicas rolled to the new plan and ready")
+        time.sleep(3)
+        traffic.stop.set()
+        traffic.join(70)
+        assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.ok + len(traffic.failures)}"
+        assert traffic.ok > 20
+    assert runner.exception is None, runner.output

@@ -10,18 +10,32 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.utils import parse_quantity
+from prometheus_client import Counter
 
 from slmpack import API_GROUP, API_VERSION
-from slmpack.core.validation import GPUNode
 
 FIELD_MANAGER = "slmpack"
 log = logging.getLogger(__name__)
+API_REQUESTS = Counter("slmpack_operator_api_requests_total",
+                       "Requests the operator sent to the Kubernetes API (watches excluded), by verb.", ["verb"])
+
+
+class CountingApiClient(client.ApiClient):
+    """The client library's ApiClient, counting each request it sends."""
+
+    def request(self, method, url, *args, **kwargs):
+        API_REQUESTS.labels(method).inc()
+        return super().request(method, url, *args, **kwargs)
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): read it again and retry."""
 
 
 def load_config() -> client.ApiClient:
@@ -31,7 +45,7 @@ def load_config() -> client.ApiClient:
     except config.ConfigException:
         # Read KUBECONFIG now: the client library captured it when first imported.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    return CountingApiClient()
 
 
 def absent_as_none(read):
@@ -60,10 +74,6 @@ class Kube:
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
 
-    @cached_property
-    def batch(self) -> client.BatchV1Api:
-        return client.BatchV1Api(self.api)
-
     def _resource(self, obj: dict):
         return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
 
@@ -75,64 +85,48 @@ class Kube:
             field_manager=FIELD_MANAGER, force_conflicts=True)
         return result.to_dict()
 
-    def create_if_absent(self, obj: dict) -> bool:
-        """Create the object unless one of that name exists; True when this call created it.
+    def create_if_absent(self, obj: dict) -> dict | None:
+        """Create the object unless one of that name exists; the created object, or None when it existed.
 
         A deterministic name plus create makes "exactly one" hold across operator restarts:
         the apiserver refuses the second create with 409.
         """
         meta = obj["metadata"]
         try:
-            self._resource(obj).create(body=obj, namespace=meta.get("namespace"))
-            return True
+            return self._resource(obj).create(body=obj, namespace=meta.get("namespace")).to_dict()
         except ApiException as error:
             if error.status == 409:
-                return False
+                return None
             raise
 
-    # ---------------------------------------------------------------- reads
+    def post_event(self, involved: dict, reason: str, message: str, warning: bool = False) -> None:
+        """An Event on `involved` (an object as the API returns it), as `kubectl describe` shows them."""
+        meta, now = involved["metadata"], datetime.now(UTC)
+        self.core.create_namespaced_event(meta["namespace"], client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name'][:200]}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=involved["apiVersion"], kind=involved["kind"], name=meta["name"],
+                namespace=meta["namespace"], uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
+            reason=reason, message=message[:1024], type="Warning" if warning else "Normal",
+            first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component=FIELD_MANAGER), reporting_component=FIELD_MANAGER))
 
-    def gpu_nodes(self) -> list[GPUNode]:
-        return [GPUNode(name=n.metadata.name, labels=dict(n.metadata.labels or {}),
-                        allocatable={k: int(parse_quantity(v)) for k, v in (n.status.allocatable or {}).items()})
-                for n in self.core.list_node().items
-                if not n.spec.unschedulable]
+    def patch_deployment_status(self, namespace: str, name: str, status: dict, resource_version: str) -> str:
+        """Write the status computed from the object at `resource_version`; returns the new resourceVersion.
 
-    def _get_custom(self, namespace: str, plural: str, name: str) -> dict | None:
-        return absent_as_none(lambda: self.custom.get_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, plural, name))
-
-    def get_profile(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(namespace, "slmprofiles", name)
-
-    def profiles_with_key(self, namespace: str, key: str) -> list[dict]:
-        return self.custom.list_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, "slmprofiles", label_selector=f"{API_GROUP}/profile-key={key}")["items"]
-
-    def profiles(self, namespace: str) -> list[dict]:
-        return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmprofiles")["items"]
-
-    def jobs(self, namespace: str, label: str) -> list[client.V1Job]:
-        """The Jobs of the namespace that carry `label`."""
-        return self.batch.list_namespaced_job(namespace, label_selector=label).items
-
-    def get_deployment(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(namespace, "slmdeployments", name)
-
-    def patch_deployment_status(self, namespace: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, "slmdeployments", name, {"status": status})
-
-    def deployments_using_profile(self, namespace: str, profile: str) -> list[str]:
-        items = self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "slmdeployments")["items"]
-        return [d["metadata"]["name"] for d in items if (d.get("status") or {}).get("profile") == profile]
-
-    def get_job(self, namespace: str, name: str) -> client.V1Job | None:
-        return absent_as_none(lambda: self.batch.read_namespaced_job(name, namespace))
-
-    def pods(self, namespace: str, selector: dict[str, str]) -> list[client.V1Pod]:
-        labels = ",".join(f"{k}={v}" for k, v in selector.items())
-        return self.core.list_namespaced_pod(namespace, label_selector=labels).items
+        The resourceVersion is a precondition: if the object changed since it was read, the
+        apiserver answers 409 and this raises Conflict, so a slower writer never overwrites a
+        newer status."""
+        try:
+            written = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, "slmdeployments", name,
+                {"metadata": {"resourceVersion": resource_version}, "status": status})
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"SLMDeployment {namespace}/{name} changed since resourceVersion "
+                               f"{resource_version}") from None
+            raise
+        return written["metadata"]["resourceVersion"]
 
     def add_profile_user(self, profile: dict, owner_reference: dict) -> None:
         """Add a deployment to a profile's owners, so the profile goes when its last user goes.
@@ -144,9 +138,40 @@ class Kube:
         owners = list(meta.get("ownerReferences") or [])
         if any(o["uid"] == owner_reference["uid"] for o in owners):
             return
-        self.custom.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
-            {"metadata": {"ownerReferences": owners + [owner_reference], "resourceVersion": meta["resourceVersion"]}})
+        try:
+            self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
+                {"metadata": {"ownerReferences": owners + [owner_reference],
+                              "resourceVersion": meta["resourceVersion"]}})
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"SLMProfile {meta['namespace']}/{meta['name']} changed; adding its user again") \
+                    from None
+            raise
+
+    # ---------------------------------------------------------------- leader election
+
+    @cached_property
+    def coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self.api)
+
+    def get_lease(self, namespace: str, name: str) -> client.V1Lease | None:
+        return absent_as_none(lambda: self.coordination.read_namespaced_lease(name, namespace))
+
+    def write_lease(self, lease: client.V1Lease) -> bool:
+        """Create the Lease, or replace it at the resourceVersion it was read at; False when another
+        writer came first (409)."""
+        meta = lease.metadata
+        try:
+            if meta.resource_version:
+                self.coordination.replace_namespaced_lease(meta.name, meta.namespace, lease)
+            else:
+                self.coordination.create_namespaced_lease(meta.namespace, lease)
+            return True
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
 
     def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(

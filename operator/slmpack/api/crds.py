@@ -3,7 +3,8 @@
 `slmpack crds` prints them; `slmpack crds --write DIR...` writes one file per CRD.
 The schema is made structural: references inlined, titles dropped, `Optional[X]`
 collapsed to a nullable X, `const` turned into a one-value enum, `replicas` marked
-int-or-string, and nested objects defaulted to `{}` so that their own defaults apply.
+int-or-string, map key patterns left to the operator, and nested objects defaulted to `{}` so
+that their own defaults apply.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = structural(value, defs)
         elif key == "additionalProperties":
             continue  # `false` may not sit beside `properties`; the apiserver prunes unknown fields.
+        elif key == "patternProperties":
+            # Structural schemas have no key patterns, and a CEL rule matching every key of an
+            # unbounded map exceeds the apiserver's cost budget: the values' schema stays here,
+            # and the operator's parse checks the keys (InvalidSpec).
+            (values,) = value.values()
+            out["additionalProperties"] = structural(values, defs)
         elif key == "default" and value in ("", None):
             continue  # the 1.20 apiserver rejects empty-string defaults as null
         else:

@@ -27,6 +27,21 @@ DEFAULT_ENGINE_IMAGE = "slmpack/engine:0.1.0"
 DEFAULT_CPU_ENGINE_IMAGE = "slmpack/engine-cpu:0.1.0"
 REPORT_SCHEMA_VERSION = 1
 
+# Kubernetes' own formats (apimachinery/pkg/util/validation), so a bad value is refused at apply
+# rather than when the operator creates a child from it.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+QUALIFIED_NAME = "^(" + DNS_SUBDOMAIN[1:-1] + "/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+ENV_VAR_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+ABSOLUTE_PATH = r"^/"
+
+
+def cel(*rules: tuple[str, str]) -> dict:
+    """CEL rules for the CRD (`x-kubernetes-validations`). Apiservers before 1.25 ignore them, so each
+    has a twin in the operator's own checks (core/validation.py) that marks the spec InvalidSpec."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
 
 class Model(BaseModel):
     """Base: camelCase on the wire, snake_case in Python, unknown fields rejected."""
@@ -78,19 +93,31 @@ class KneeRule(StrEnum):
 class ModelVolume(Model):
     """Where a model given as a path lives: exactly one source, mounted read-only at `mountPath`."""
 
-    host_path: str | None = Field(None, description="A directory on the node that holds the model.")
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.hostPath) != has(self.persistentVolumeClaim)",
+         "spec.model.volume needs exactly one of hostPath or persistentVolumeClaim")))
+
+    host_path: str | None = Field(None, pattern=ABSOLUTE_PATH,
+                                  description="A directory on the node that holds the model (an absolute path).")
     persistent_volume_claim: str | None = Field(
-        None, description="The name of a PersistentVolumeClaim in the same namespace that holds the model."
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="The name of a PersistentVolumeClaim in the same namespace that holds the model."
     )
-    mount_path: str = Field("/models", description="Where the volume is mounted in the engine container.")
+    mount_path: str = Field("/models", pattern=ABSOLUTE_PATH,
+                            description="Where the volume is mounted in the engine container (an absolute path).")
 
 
 class ModelSpec(Model):
     """The model to serve."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!has(self.volume) || self.name.startsWith(self.volume.mountPath.endsWith('/') ? self.volume.mountPath "
+         ": self.volume.mountPath + '/')",
+         "spec.model.name must be a path under spec.model.volume.mountPath when a volume holds the model")))
+
     name: str = Field(
         ...,
-        min_length=1,
+        min_length=1, max_length=1024,
         description="A Hugging Face model id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or an absolute path "
         "inside the engine container (e.g. /models/SmolLM2-135M-Instruct).",
     )
@@ -105,7 +132,7 @@ class ModelSpec(Model):
 class EnvVar(Model):
     """An environment variable for the engine container."""
 
-    name: str = Field(..., min_length=1, description="The variable's name.")
+    name: str = Field(..., min_length=1, pattern=ENV_VAR_NAME, description="The variable's name.")
     value: str = Field("", description="The variable's value.")
 
 
@@ -118,7 +145,8 @@ class EngineSpec(Model):
         description="gpu runs the CUDA engine on shared GPUs; cpu runs vLLM's CPU build (development clusters).",
     )
     image: str | None = Field(
-        None, description="The engine+profiler image. Defaults to slmpack's engine image for the chosen device."
+        None, min_length=1,
+        description="The engine+profiler image. Defaults to slmpack's engine image for the chosen device."
     )
     extra_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments appended to `vllm serve`."
@@ -136,15 +164,16 @@ class GPUSpec(Model):
     """Which GPUs may run the model."""
 
     product: str | None = Field(
-        None,
+        None, max_length=63, pattern=LABEL_VALUE,
         description="The GPU product as NVIDIA GPU feature discovery labels it (nvidia.com/gpu.product), "
         "e.g. NVIDIA-H100-80GB-HBM3. Empty means any.",
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[Annotated[str, Field(pattern=QUALIFIED_NAME)],
+                        Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
         default_factory=dict, description="Extra node labels that the node must carry."
     )
     resource_name: str = Field(
-        "nvidia.com/gpu",
+        "nvidia.com/gpu", pattern=QUALIFIED_NAME,
         description="The extended resource that the device plugin advertises for a share of a GPU "
         "(nvidia.com/gpu, or nvidia.com/gpu.shared when the plugin renames shared GPUs).",
     )
@@ -167,11 +196,16 @@ class LatencySLO(Model):
 class ProfilingSpec(Model):
     """How the model is profiled when no matching SLMProfile exists."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.minBatchSize <= self.maxBatchSize",
+         "spec.profiling.minBatchSize is larger than maxBatchSize: lower minBatchSize or raise maxBatchSize")))
+
     profile_ref: str | None = Field(
-        None, description="The name of an existing SLMProfile in this namespace to use instead of profiling."
+        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="The name of an existing SLMProfile in this namespace to use instead of profiling."
     )
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=list,
+        default_factory=list, max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Batch sizes to probe, all of them. Empty means an adaptive sweep over "
         "minBatchSize..maxBatchSize.",
     )
@@ -190,13 +224,23 @@ class ProfilingSpec(Model):
         0, ge=0, le=100_000, description="Requests measured per batch size; 0 means 4 × the batch size (at least 8)."
     )
     max_replicas: int = Field(4, ge=1, le=48, description="The most co-located replicas to measure per GPU.")
+    job_active_deadline_seconds: int = Field(
+        7200, ge=60, le=7 * 86400,
+        description="The profiling Job's activeDeadlineSeconds: a profile that runs longer fails, with the "
+        "reason DeadlineExceeded.")
+    job_backoff_limit: int = Field(
+        2, ge=0, le=10,
+        description="The profiling Job's backoffLimit: how often a failed profiler pod (crashed, OOM-killed) "
+        "is retried before the profile fails.")
 
 
 class ResourceSpec(Model):
     """CPU and memory for each engine container, as Kubernetes quantities. The GPU share is added by slmpack."""
 
-    requests: dict[str, str] = Field(default_factory=dict, description="Resource requests, e.g. {cpu: '2'}.")
-    limits: dict[str, str] = Field(default_factory=dict, description="Resource limits, e.g. {memory: 16Gi}.")
+    requests: dict[Annotated[str, Field(pattern=QUALIFIED_NAME)], Annotated[str, Field(pattern=QUANTITY)]] = Field(
+        default_factory=dict, description="Resource requests as quantities, e.g. {cpu: '2'}.")
+    limits: dict[Annotated[str, Field(pattern=QUALIFIED_NAME)], Annotated[str, Field(pattern=QUANTITY)]] = Field(
+        default_factory=dict, description="Resource limits as quantities, e.g. {memory: 16Gi}.")
 
 
 # ---------------------------------------------------------------- conditions
@@ -218,6 +262,13 @@ class Condition(Model):
 
 class SLMDeploymentSpec(Model):
     """The desired state: which model, on which GPUs, shared how, with how many replicas."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.profiling.workload.inputTokens + self.profiling.workload.outputTokens <= self.model.maxModelLen",
+         "spec.profiling.workload needs more tokens per request than spec.model.maxModelLen: raise maxModelLen "
+         "or shorten the workload"),
+        ("self.placement != 'dra' || self.gpu.resourceName == 'nvidia.com/gpu'",
+         "spec.gpu.resourceName applies to device-plugin placement only: remove it with placement dra")))
 
     model: ModelSpec = Field(..., description="The model to serve.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="The inference engine.")

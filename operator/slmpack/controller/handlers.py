@@ -1,136 +1,339 @@
-"""kopf handlers: parse the spec, call the pure core, act through the adapter, write status.
+"""kopf handlers: watch caches in, one reconcile per deployment at a time, status out.
 
-Reconcile is level-triggered: every run derives the desired objects from the spec and
-what the cluster holds now, applies them, and rewrites the status. It runs on create,
-on spec change, on operator start, and on every event of the engine pods, the profile
-and its Job, so the status follows them, and a crash at any point is repaired by the
-next run.
+The control loop follows controller-runtime's:
+
+- kopf's indices are the watch caches: deployments, profiles, profiling Jobs, engine pods,
+  GPU nodes and the children. A reconcile reads its snapshot from them, not from LIST calls.
+- Events only add the deployment's key to a work queue (`workqueue.py`), so a burst of pod
+  or Job events coalesces into one reconcile, and a key is never reconciled by two workers
+  at once.
+- A worker decides with the pure core (`core/decide.py`), acts through the adapter, and
+  writes the status with the resourceVersion its snapshot was read at: on a conflict it
+  requeues instead of overwriting a newer status.
+- Reconcile is level-triggered and idempotent: children are server-side applied, the
+  profile and its Job are created by deterministic name, so an operator killed at any point
+  converges when it (or another replica) starts again. With several replicas, a Lease
+  elects the one that acts (`leader.py`).
+
+No kopf state handlers (on.create/update) are used, so kopf writes nothing onto the objects
+and nothing blocks their deletion while the operator is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 import os
+import socket
 import time
+import uuid
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import kopf
+from kubernetes.utils import parse_quantity
 from prometheus_client import Counter, Histogram
 
 from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
-from slmpack.adapters.kube import Kube, load_config
+from slmpack.adapters.kube import Conflict, Kube, load_config
 from slmpack.api.models import SLMDeploymentStatus
+from slmpack.controller.leader import LeaderElection
+from slmpack.controller.workqueue import Retry, WorkQueue, work
 from slmpack.core import conditions as cond
 from slmpack.core import dra
 from slmpack.core.decide import ClusterSnapshot, Decision, ProfilingJob, decide, with_status
-from slmpack.core.manifests import DEPLOYMENT_LABEL, PROFILE_LABEL, selector_labels
+from slmpack.core.manifests import DEPLOYMENT_LABEL, PROFILE_LABEL, label_value, selector_labels
+from slmpack.core.validation import GPUNode
 
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
+# "NAMESPACE/NAME" of the Lease that elects the acting replica; unset runs without election.
+LEADER_LEASE = os.environ.get("SLMPACK_LEADER_ELECTION_LEASE", "")
+WORKERS = int(os.environ.get("SLMPACK_WORKERS", "4"))
 # A decision that creates the profile needs its uid for the Job: decide again after creating, a few times at most.
 MAX_ROUNDS = 3
+# While a profile is measured, look again now and then even if no event comes (a missed watch event).
+PROFILING_RESYNC_SECONDS = 60
+CONFLICT_RETRY_SECONDS = 0.2
 
 RECONCILES = Counter("slmpack_operator_reconciles_total", "SLMDeployment reconciles, by outcome.", ["outcome"])
 ERRORS = Counter("slmpack_operator_errors_total", "Reconciles that raised an unexpected error.")
+CONFLICTS = Counter("slmpack_operator_conflicts_total", "Writes refused because the object had changed (409).")
+RECONCILE_SECONDS = Histogram("slmpack_operator_reconcile_duration_seconds", "Time of one reconcile.",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PROFILING_SECONDS = Histogram("slmpack_operator_profiling_duration_seconds",
                               "Time from a profile's creation to its measurement, seen when it becomes ready.",
                               buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200))
 
 log = logging.getLogger(__name__)
-_kube: Kube | None = None
 
 
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube(load_config())
-    return _kube
+# ---------------------------------------------------------------- the watch caches (kopf indices)
 
 
-@kopf.on.startup()
-def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
-    # Keep kopf's bookkeeping out of status, which belongs to the API.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration")
-    settings.posting.level = logging.WARNING  # our own Events say what was decided
-    settings.watching.server_timeout = 300
+def stored(body: kopf.Body) -> dict:
+    """The object as the API returned it, detached from kopf's view."""
+    return json.loads(json.dumps({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")
+                                  if body.get(k) is not None}))
 
 
-def read_snapshot(kube: Kube, namespace: str, name: str, placement: str | None = None) -> ClusterSnapshot:
-    """What the decision depends on, read from the API now; the DRA inputs only for a DRA deployment."""
-    versions, slices, claims = (), (), ()
-    if placement == "dra":
-        versions = tuple(kube.served_versions(dra.GROUP))
-        served = dra.newest_served(versions)
-        if served:
-            slices = tuple(kube.resource_slices(served, dra.DRIVER))
-            claims = tuple(kube.resource_claims(served, namespace, selector_labels(name)))
-    return ClusterSnapshot(
-        nodes=tuple(kube.gpu_nodes()),
-        profiles=tuple(kube.profiles(namespace)),
-        jobs=tuple(profiling_job(j) for j in kube.jobs(namespace, PROFILE_LABEL)),
-        pods=tuple(replica_state(p) for p in kube.pods(namespace, selector_labels(name))),
-        resource_api_versions=versions, resource_slices=slices, resource_claims=claims,
-    )
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployment_index(namespace, name, body, **_):
+    return {(namespace, name): stored(body)}
 
 
-def profiling_job(job) -> ProfilingJob:
-    failed = next((c for c in (job.status.conditions or []) if c.type == "Failed" and c.status == "True"), None)
-    return ProfilingJob(name=job.metadata.name, failed=failed is not None,
-                        failure_message=(failed.message or "") if failed else "")
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployments_by_profile(namespace, name, status, **_):
+    profile = status.get("profile")
+    return {(namespace, profile): name} if profile else None
 
 
-def replica_state(pod) -> cond.ReplicaState:
-    statuses = pod.status.container_statuses or []
-    engine = next((s for s in statuses if s.name == "engine"), statuses[0] if statuses else None)
-    uuids = (pod.metadata.annotations or {}).get(GPU_UUIDS_ANNOTATION, "")
-    where = {"node": pod.spec.node_name if pod.spec else None,
+@kopf.index(API_GROUP, API_VERSION, "slmdeployments")
+async def deployments_by_label(namespace, name, **_):
+    # Children's labels carry the name cut to 63 characters with a hash; this maps it back.
+    return {(namespace, label_value(name)): name}
+
+
+@kopf.index(API_GROUP, API_VERSION, "slmprofiles")
+async def profile_index(namespace, body, **_):
+    return {namespace: stored(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
+async def job_index(namespace, body, **_):
+    return {namespace: stored(body)}
+
+
+@kopf.index("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def pod_index(namespace, labels, body, **_):
+    return {(namespace, labels[DEPLOYMENT_LABEL]): replica_state(body)}
+
+
+@kopf.index("", "v1", "nodes")
+async def node_index(body, spec, **_):
+    return None if spec.get("unschedulable") else {None: gpu_node(body)}
+
+
+@kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def statefulset_index(namespace, name, meta, **_):
+    return {("StatefulSet", namespace, name): meta.get("resourceVersion")}
+
+
+@kopf.index("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def service_index(namespace, name, meta, **_):
+    return {("Service", namespace, name): meta.get("resourceVersion")}
+
+
+# The children whose resourceVersion the operator follows, to skip applying what did not change.
+CHILD_INDICES = {"StatefulSet": "statefulset_index", "Service": "service_index"}
+
+
+@kopf.index("", "v1", "pods", labels={PROFILE_LABEL: kopf.PRESENT, "job-name": kopf.PRESENT})
+async def profiler_pod_index(namespace, labels, status, **_):
+    """Why each profiler pod ended (OOMKilled, Error and its exit code), by Job."""
+    ended = [s["state"]["terminated"] for s in status.get("containerStatuses") or []
+             if (s.get("state") or {}).get("terminated")]
+    if not ended:
+        return None
+    why = ", ".join(f"{t.get('reason') or 'Error'} (exit code {t.get('exitCode')})" for t in ended)
+    return {(namespace, labels["job-name"]): why}
+
+
+def profiling_job(job: dict, pod_endings: tuple[str, ...] = ()) -> ProfilingJob:
+    status = job.get("status") or {}
+    conditions = status.get("conditions") or []
+    failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions)
+    message = (failed.get("message") or failed.get("reason") or "") if failed else ""
+    if failed and pod_endings:
+        message += f"; its pods ended with {', '.join(sorted(set(pod_endings)))}"
+    completed_at = status.get("completionTime") if complete else None
+    return ProfilingJob(name=job["metadata"]["name"], failed=failed is not None, failure_message=message,
+                        completed_at=datetime.fromisoformat(completed_at.replace("Z", "+00:00"))
+                        if completed_at else None)
+
+
+def replica_state(pod: dict) -> cond.ReplicaState:
+    status, meta = pod.get("status") or {}, pod["metadata"]
+    statuses = status.get("containerStatuses") or []
+    engine = next((s for s in statuses if s.get("name") == "engine"), statuses[0] if statuses else None)
+    uuids = (meta.get("annotations") or {}).get(GPU_UUIDS_ANNOTATION, "")
+    spec = pod.get("spec") or {}
+    where = {"node": spec.get("nodeName"),
              "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip()),
-             "claims": tuple(c.resource_claim_name for c in (pod.spec.resource_claims if pod.spec else None) or []
-                             if c.resource_claim_name)}
+             "claims": tuple(c["resourceClaimName"] for c in spec.get("resourceClaims") or []
+                             if c.get("resourceClaimName"))}
     if engine is None:
-        return cond.ReplicaState(name=pod.metadata.name, ready=False, **where)
-    waiting = engine.state.waiting.reason if engine.state and engine.state.waiting else None
-    terminated = engine.last_state.terminated if engine.last_state else None
-    return cond.ReplicaState(name=pod.metadata.name, ready=bool(engine.ready), waiting_reason=waiting,
-                             last_termination_reason=terminated.reason if terminated else None,
-                             restarts=engine.restart_count or 0, **where)
+        return cond.ReplicaState(name=meta["name"], ready=False, **where)
+    waiting = (engine.get("state") or {}).get("waiting") or {}
+    terminated = (engine.get("lastState") or {}).get("terminated") or {}
+    return cond.ReplicaState(name=meta["name"], ready=bool(engine.get("ready")), waiting_reason=waiting.get("reason"),
+                             last_termination_reason=terminated.get("reason"),
+                             restarts=engine.get("restartCount") or 0, **where)
 
 
-def act(kube: Kube, body: dict, decision: Decision) -> bool:
-    """Carry out a decision; True when it created something the next decision should see."""
-    created = False
-    for obj in decision.create:
-        created |= kube.create_if_absent(obj)
-    for obj in decision.apply:
-        kube.apply(obj)
-    if decision.profile_user:
-        kube.add_profile_user(*decision.profile_user)
-    for claim in decision.delete:
-        if kube.delete_unused_claim(claim):
-            log.info("deleted ResourceClaim %s/%s: no pod uses it", claim["metadata"]["namespace"],
-                     claim["metadata"]["name"])
-    for event in decision.events:
-        (kopf.warn if event.warning else kopf.info)(body, reason=event.reason, message=event.message)
-        log.info("%s/%s %s: %s", body["metadata"]["namespace"], body["metadata"]["name"], event.reason,
-                 event.message)
-    if decision.profiling_seconds:
-        PROFILING_SECONDS.observe(decision.profiling_seconds)
-    return created
+def gpu_node(node: dict) -> GPUNode:
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    return GPUNode(name=node["metadata"]["name"], labels=dict(node["metadata"].get("labels") or {}),
+                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()})
 
 
-def reconcile_once(body: dict, kube: Kube) -> Decision:
-    """Read, decide, act; again while acting created objects the decision depends on (the profile's uid)."""
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    for _ in range(MAX_ROUNDS):
-        placement = (body.get("spec") or {}).get("placement")
-        decision = decide(body, read_snapshot(kube, namespace, name, placement), datetime.now(UTC),
-                          PROFILER_CLUSTER_ROLE)
-        if not act(kube, body, decision):
-            break
-        body = with_status(body, decision.status)
-    RECONCILES.labels(decision.outcome).inc()
-    return decision
+# ---------------------------------------------------------------- the controller
+
+
+Key = tuple[str, str]  # (namespace, name) of an SLMDeployment
+
+
+@dataclass
+class Controller:
+    """The work queue, its workers, and what they read: kopf's indices."""
+
+    kube: Kube
+    indices: dict
+    queue: WorkQueue = field(default_factory=lambda: WorkQueue(base_delay=0.05))
+    leader: LeaderElection | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    # What was last applied per child, and the resourceVersion the apply returned: an unchanged
+    # desired object over an unchanged child is not sent again.
+    applied: dict[tuple, tuple[str, str]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        may_work = self.leader.wait_to_lead if self.leader else None
+        self.tasks = [asyncio.create_task(work(self.queue, self.reconcile, may_work)) for _ in range(WORKERS)]
+        if self.leader:
+            self.tasks.append(asyncio.create_task(self.leader.run()))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.leader and self.leader.leading.is_set():
+            await asyncio.to_thread(self.leader.release)
+
+    # ---- reading the caches (in the event loop, where kopf updates them)
+
+    def one(self, index: str, key):
+        store = self.indices[index].get(key)
+        return next(iter(store), None) if store else None
+
+    def all(self, index: str, key) -> tuple:
+        store = self.indices[index].get(key)
+        return tuple(store) if store else ()
+
+    def snapshot(self, namespace: str, name: str) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            nodes=self.all("node_index", None),
+            profiles=self.all("profile_index", namespace),
+            jobs=tuple(profiling_job(j, self.all("profiler_pod_index", (namespace, j["metadata"]["name"])))
+                       for j in self.all("job_index", namespace)),
+            pods=self.all("pod_index", (namespace, label_value(name))),
+        )
+
+    # ---- one reconcile
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.one("deployment_index", key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # gone: its children go by garbage collection
+        started = time.monotonic()
+        snapshot = self.snapshot(*key)
+        try:
+            decision, user_pending = await asyncio.to_thread(self.reconcile_once, body, snapshot)
+        except Conflict as error:
+            CONFLICTS.inc()
+            raise Retry(str(error)) from None
+        except Exception:
+            ERRORS.inc()
+            raise
+        finally:
+            RECONCILE_SECONDS.observe(time.monotonic() - started)
+        if user_pending:
+            return CONFLICT_RETRY_SECONDS
+        if decision.outcome == "profiling":
+            return decision.retry_after_seconds or PROFILING_RESYNC_SECONDS
+        return decision.retry_after_seconds
+
+    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, bool]:
+        """Decide and act, again while acting created objects the decision depends on (the profile's
+        uid); then write the status, conditionally on the resourceVersion the decision read, and
+        post its Events once it is written. True with the decision when the profile still lacks
+        this deployment as a user (a concurrent writer came first)."""
+        original, events = body, []
+        if (body.get("spec") or {}).get("placement") == "dra":
+            snapshot = with_dra(self.kube, snapshot, *key_of(body))
+        for _ in range(MAX_ROUNDS):
+            decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
+            created = self.act(decision)
+            events += decision.events
+            if not created:
+                break
+            body = with_status(body, decision.status)
+            snapshot = with_created(snapshot, created)
+        RECONCILES.labels(decision.outcome).inc()
+        user_pending = False
+        if decision.profile_user:
+            try:
+                self.kube.add_profile_user(*decision.profile_user)
+            except Conflict:
+                CONFLICTS.inc()
+                user_pending = True
+        status = status_patch(decision.status)
+        if status != status_patch(SLMDeploymentStatus.from_stored(original.get("status"))):
+            meta = original["metadata"]
+            self.kube.patch_deployment_status(meta["namespace"], meta["name"], status, meta["resourceVersion"])
+        for event in events:
+            self.kube.post_event(original, event.reason, event.message, event.warning)
+            log.info("%s/%s %s: %s", original["metadata"]["namespace"], original["metadata"]["name"], event.reason,
+                     event.message)
+        if decision.profiling_seconds:
+            PROFILING_SECONDS.observe(decision.profiling_seconds)
+        return decision, user_pending
+
+    def act(self, decision: Decision) -> list[dict]:
+        """Create and apply what the decision asks for; the objects it created, which the next
+        decision should see."""
+        created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
+        for obj in decision.apply:
+            self.apply(obj)
+        for claim in decision.delete:
+            if self.kube.delete_unused_claim(claim):
+                log.info("deleted ResourceClaim %s/%s: no pod uses it", claim["metadata"]["namespace"],
+                         claim["metadata"]["name"])
+        return created
+
+    def apply(self, obj: dict) -> None:
+        meta = obj["metadata"]
+        child = (obj["kind"], meta.get("namespace"), meta["name"])
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        index = CHILD_INDICES.get(obj["kind"])
+        if index and self.applied.get(child) == (digest, self.one(index, child)):
+            return  # the same desired object over a child nobody changed since
+        result = self.kube.apply(obj)
+        self.applied[child] = (digest, result["metadata"]["resourceVersion"])
+
+
+def key_of(body: dict) -> Key:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def with_dra(kube: Kube, snapshot: ClusterSnapshot, namespace: str, name: str) -> ClusterSnapshot:
+    """The DRA inputs of a DRA deployment, read from the API: the apiserver this operator may meet
+    ranges from one without resource.k8s.io to one serving v1, so they are not watched."""
+    versions = tuple(kube.served_versions(dra.GROUP))
+    served = dra.newest_served(versions)
+    if not served:
+        return replace(snapshot, resource_api_versions=versions)
+    return replace(snapshot, resource_api_versions=versions,
+                   resource_slices=tuple(kube.resource_slices(served, dra.DRIVER)),
+                   resource_claims=tuple(kube.resource_claims(served, namespace, selector_labels(name))))
+
+
+def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnapshot:
+    """The snapshot plus what this reconcile just created, before the caches show it."""
+    profiles = tuple(o for o in created if o["kind"] == "SLMProfile")
+    jobs = tuple(profiling_job(o) for o in created if o["kind"] == "Job")
+    return replace(snapshot, profiles=snapshot.profiles + profiles, jobs=snapshot.jobs + jobs)
 
 
 def status_patch(status: SLMDeploymentStatus) -> dict:
@@ -139,53 +342,68 @@ def status_patch(status: SLMDeploymentStatus) -> dict:
     return {field.alias: wire.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()}
 
 
-def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
-    started = time.monotonic()
-    try:
-        decision = reconcile_once(dict(body), kube())
-    except Exception:
-        ERRORS.inc()
-        raise
-    for key, value in status_patch(decision.status).items():
-        patch.status[key] = value
-    log.debug("reconciled %s in %.3fs", body["metadata"]["name"], time.monotonic() - started)
-    if decision.retry_after_seconds:
-        # The status says why; try again later, when a matching node may have joined.
-        raise kopf.TemporaryError("no matching GPU node yet", delay=decision.retry_after_seconds)
+_controller: Controller | None = None
 
 
-@kopf.on.create(API_GROUP, API_VERSION, "slmdeployments")
-@kopf.on.update(API_GROUP, API_VERSION, "slmdeployments", field="spec")
-@kopf.on.resume(API_GROUP, API_VERSION, "slmdeployments")
-def slmdeployment_changed(body, patch, **_) -> None:
-    reconcile(body, patch)
+def controller() -> Controller:
+    if _controller is None:
+        raise RuntimeError("the operator has not started")
+    return _controller
 
 
-# The status follows what the deployment depends on. These are event handlers, not timers:
-# kopf guards timers with a finalizer, and a finalizer would block deletion whenever the
-# operator is not running. Each event re-runs the same level-triggered reconcile.
+@kopf.on.startup()
+async def operator_startup(settings: kopf.OperatorSettings, **kwargs) -> None:
+    global _controller
+    settings.posting.level = logging.WARNING  # our own Events say what was decided
+    settings.watching.server_timeout = 300
+    indices = {name: value for name, value in kwargs.items() if isinstance(value, kopf.Index)}
+    kube = Kube(load_config())
+    leader = None
+    if LEADER_LEASE:
+        namespace, _, name = LEADER_LEASE.partition("/")
+        identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        leader = LeaderElection(kube, namespace, name, identity, on_lost=lambda: os._exit(1))
+    _controller = Controller(kube, indices, leader=leader)
+    _controller.start()
 
 
-def refresh(namespace: str, name: str) -> None:
-    body = kube().get_deployment(namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return
-    decision = reconcile_once(body, kube())
-    kube().patch_deployment_status(namespace, name, status_patch(decision.status))
+@kopf.on.cleanup()
+async def operator_cleanup(**_) -> None:
+    if _controller is not None:
+        await _controller.stop()
+
+
+# ---------------------------------------------------------------- events only mark work
+
+
+@kopf.on.event(API_GROUP, API_VERSION, "slmdeployments")
+async def slmdeployment_event(namespace, name, **_) -> None:
+    controller().queue.add((namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def engine_pod_event(labels, namespace, **_) -> None:
-    refresh(namespace, labels[DEPLOYMENT_LABEL])
+@kopf.on.event("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def child_event(labels, namespace, **_) -> None:
+    for name in controller().all("deployments_by_label", (namespace, labels[DEPLOYMENT_LABEL])):
+        controller().queue.add((namespace, name))
+
+
+_profile_seen: dict[tuple, str] = {}
 
 
 @kopf.on.event(API_GROUP, API_VERSION, "slmprofiles")
-def slmprofile_event(name, namespace, **_) -> None:
-    for deployment in kube().deployments_using_profile(namespace, name):
-        refresh(namespace, deployment)
+async def slmprofile_event(name, namespace, body, type, **_) -> None:
+    # Only a new measurement matters to its users, not their own ownerReference writes.
+    seen = json.dumps([type == "DELETED", body.get("status")], sort_keys=True, default=str)
+    if _profile_seen.get((namespace, name)) == seen:
+        return
+    _profile_seen[(namespace, name)] = seen
+    for deployment in controller().all("deployments_by_profile", (namespace, name)):
+        controller().queue.add((namespace, deployment))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
-def profiling_job_event(labels, namespace, **_) -> None:
-    for deployment in kube().deployments_using_profile(namespace, labels[PROFILE_LABEL]):
-        refresh(namespace, deployment)
+async def profiling_job_event(labels, namespace, **_) -> None:
+    for deployment in controller().all("deployments_by_profile", (namespace, labels[PROFILE_LABEL])):
+        controller().queue.add((namespace, deployment))

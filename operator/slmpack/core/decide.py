@@ -44,6 +44,7 @@ from slmpack.core.manifests import (
     build_profiling_job,
     build_service,
     build_statefulset,
+    label_value,
     profile_conditions,
     profiling_job_name,
     service_endpoint,
@@ -53,6 +54,8 @@ from slmpack.core.validation import GPUNode, InvalidSpec, NoMatchingNode, choose
 
 # How long to wait before looking for a matching GPU node again.
 NODE_RETRY_SECONDS = 30
+# The profiler writes its result before it exits, but the profile's watch may lag the Job's.
+RESULT_GRACE_SECONDS = 30
 DEFAULT_PROFILER_CLUSTER_ROLE = "slmpack-profiler"
 
 
@@ -62,7 +65,8 @@ class ProfilingJob:
 
     name: str
     failed: bool = False
-    failure_message: str = ""  # the message of its Failed condition
+    failure_message: str = ""  # the message of its Failed condition, and why its last pod ended
+    completed_at: datetime | None = None  # when it succeeded, if it did
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ class _Decider:
             conditions = profile_conditions(spec, node.gpu_memory_mib)
             if self.dra is not None:
                 # Its own claim gives the Job a GPU; the scheduler picks the node.
-                labels = {PROFILE_LABEL: name, **MANAGED_BY}
+                labels = {PROFILE_LABEL: label_value(name), **MANAGED_BY}
                 self.decision.create.append(build_profiling_claim_template(owner, spec, self.dra.api_version,
                                                                            labels))
                 template = profiling_claim_template_name(name)
@@ -269,6 +273,17 @@ class _Decider:
                 self.decision.create.append(build_profiling_job(owner, conditions, spec, node))
                 where = f"on node {node.name}"
             self.decision.events.append(Event("ProfilingStarted", f"profiling Job {job_name} started {where}"))
+        if job is not None and job.completed_at is not None and measured.phase != "Failed":
+            waited = (self.now - job.completed_at).total_seconds()
+            if waited < RESULT_GRACE_SECONDS:
+                self.decision.retry_after_seconds = int(RESULT_GRACE_SECONDS - waited) + 1
+            else:
+                self.status.profiling_phase = None
+                self.condition(cond.PROFILE_READY, False, "ProfilingFailed",
+                               f"profiling Job {job_name} completed, but SLMProfile {name} holds no measured knee: "
+                               f"the profiler's result never arrived. See the Job's logs, and delete SLMProfile "
+                               f"{name} to profile again", warn=True)
+                return
         if (job is not None and job.failed) or measured.phase == "Failed":
             why = measured.message or (job.failure_message if job else "")
             self.status.profiling_phase = None

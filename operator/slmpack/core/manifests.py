@@ -8,6 +8,7 @@ owned by the profile.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ PROFILER_SERVICE_ACCOUNT = "slmpack-profiler"
 ENGINE_UID = 10001
 # Long enough for a cold engine start on a CPU (about 90 s) or a large GPU model download.
 STARTUP_SECONDS = 900
+# How long a stopping replica keeps serving before the engine gets SIGTERM (within the 30 s grace period).
+DRAIN_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -48,19 +51,58 @@ class Owner:
                 "controller": True, "blockOwnerDeletion": True}
 
 
-def dns_name(*parts: str, limit: int = 63) -> str:
-    """A DNS-1123 label from the parts, cut to `limit` characters."""
-    text = re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-    return text[:limit].rstrip("-")
+# An SLMDeployment's name is a DNS subdomain (up to 253 characters, dots allowed); its children
+# need less. A name that already fits is kept; any other is cut and given a short stable hash of
+# the whole original, so two deployments never share a child and a child's name never changes.
+HASH_LENGTH = 8
+LABEL_LIMIT = 63
+# A StatefulSet's pods carry `controller-revision-hash: <name>-<up to 10 characters>`, a label
+# value of at most 63 characters (Kubernetes: pkg/controller/history/controller_history.go).
+STATEFULSET_NAME_LIMIT = 52
+
+
+def name_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def slug(text: str) -> str:
+    """Lowercase letters, digits and dashes, for readable names that something else keeps unique."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def dns_name(*parts: str, limit: int = LABEL_LIMIT) -> str:
+    """A DNS-1035 label (a letter first, as a Service needs) from the parts, at most `limit` long.
+
+    Parts that already form such a label are joined as they are; otherwise the result is cut and
+    ends in a hash of the parts, so distinct inputs never map to one name."""
+    joined = "-".join(parts)
+    if re.fullmatch(r"[a-z]([a-z0-9-]*[a-z0-9])?", joined) and len(joined) <= limit:
+        return joined
+    text = slug(joined)
+    if not text[:1].isalpha():
+        text = "x-" + text
+    return text[:limit - HASH_LENGTH - 1].rstrip("-") + "-" + name_hash(joined)
+
+
+def label_value(name: str) -> str:
+    """An object name as a label value (at most 63 characters), hashed like `dns_name` when cut."""
+    if len(name) <= LABEL_LIMIT:
+        return name
+    return name[:LABEL_LIMIT - HASH_LENGTH - 1].rstrip("-.") + "-" + name_hash(name)
+
+
+def workload_name(deployment: str) -> str:
+    """The StatefulSet's and the Service's name: one name for both, as `kubectl get sts,svc NAME` expects."""
+    return dns_name(deployment, limit=STATEFULSET_NAME_LIMIT)
 
 
 def engine_labels(deployment: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "slmpack-engine", "app.kubernetes.io/instance": deployment,
-            DEPLOYMENT_LABEL: deployment, **MANAGED_BY}
+    return {"app.kubernetes.io/name": "slmpack-engine", "app.kubernetes.io/instance": label_value(deployment),
+            DEPLOYMENT_LABEL: label_value(deployment), **MANAGED_BY}
 
 
 def selector_labels(deployment: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "slmpack-engine", DEPLOYMENT_LABEL: deployment}
+    return {"app.kubernetes.io/name": "slmpack-engine", DEPLOYMENT_LABEL: label_value(deployment)}
 
 
 def profile_conditions(spec: SLMDeploymentSpec, gpu_memory_mib: int | None) -> ProfileConditions:
@@ -73,7 +115,7 @@ def profile_conditions(spec: SLMDeploymentSpec, gpu_memory_mib: int | None) -> P
 
 def profile_name(conditions: ProfileConditions) -> str:
     model = conditions.model.rstrip("/").split("/")[-1]
-    return dns_name(model, limit=50) + "-" + conditions.key()
+    return (slug(model)[:50].rstrip("-") or "model") + "-" + conditions.key()
 
 
 def profiling_job_name(profile: str) -> str:
@@ -221,6 +263,9 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        # A replica being replaced keeps serving until the Service stops sending to it: the endpoints
+        # controller and kube-proxy drop it a few seconds after it starts terminating.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": restricted_security_context(),
@@ -228,11 +273,11 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": engine_labels(owner.name),
-                     "ownerReferences": [owner.reference()]},
+        "metadata": {"name": workload_name(owner.name), "namespace": owner.namespace,
+                     "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]},
         "spec": {
             "replicas": plan.replicas,
-            "serviceName": owner.name,
+            "serviceName": workload_name(owner.name),
             "podManagementPolicy": "OrderedReady",
             "selector": {"matchLabels": selector_labels(owner.name)},
             "template": {
@@ -249,15 +294,15 @@ def build_service(owner: Owner, spec: SLMDeploymentSpec) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": engine_labels(owner.name),
-                     "ownerReferences": [owner.reference()]},
+        "metadata": {"name": workload_name(owner.name), "namespace": owner.namespace,
+                     "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]},
         "spec": {"type": "ClusterIP", "selector": selector_labels(owner.name),
                  "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}]},
     }
 
 
 def service_endpoint(owner: Owner, spec: SLMDeploymentSpec) -> str:
-    return f"http://{owner.name}.{owner.namespace}.svc:{spec.port}/v1"
+    return f"http://{workload_name(owner.name)}.{owner.namespace}.svc:{spec.port}/v1"
 
 
 # ---------------------------------------------------------------- profiling
@@ -311,7 +356,7 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
 
 
 def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spec: SLMDeploymentSpec,
-                        node: GPUNode | None, backoff_limit: int = 2, claim_template: str | None = None) -> dict:
+                        node: GPUNode | None, claim_template: str | None = None) -> dict:
     """The Job that measures the model on a matching node and writes the SLMProfile status.
 
     It requests one slot, as a replica does: the device plugin refuses more than one under MPS
@@ -330,14 +375,17 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
         resources["claims"] = [{"name": "gpu"}]
     else:
         resources["limits"][spec.gpu.resource_name] = "1"
-    labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: profile_owner.name, **MANAGED_BY}
+    labels = {"app.kubernetes.io/name": "slmpack-profiler", PROFILE_LABEL: label_value(profile_owner.name),
+              **MANAGED_BY}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": profiling_job_name(profile_owner.name), "namespace": profile_owner.namespace,
                      "labels": labels, "ownerReferences": [profile_owner.reference()]},
         "spec": {
-            "backoffLimit": backoff_limit,
+            # Bounded: a crashing or OOM-killed profiler is retried this often, a hung one stopped.
+            "backoffLimit": spec.profiling.job_backoff_limit,
+            "activeDeadlineSeconds": spec.profiling.job_active_deadline_seconds,
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
         plot(status, args.out, title=f"{args.model or args.base_url[0]} ({args.device})")
     print(table(status))
     print(f"report: {args.out / 'report.json'}; plots: {args.out / 'profile.png'}")
-    writer(status.to_wire() | ready_condition(status))
+    try:
+        writer(status.to_wire() | ready_condition(status), final=True)
+    except ProfileNotWritten as error:
+        # A result the operator never sees is a failed Job, so the deployment says so instead of waiting.
+        print(f"slmpack profile: {error}", file=sys.stderr)
+        return 3
     return 0 if status.phase == "Ready" else 1
 
 
@@ -133,10 +139,16 @@ def ready_condition(status) -> dict:
                             "lastTransitionTime": datetime.now(UTC).isoformat()}]}
 
 
-def status_writer(target: str | None):
-    """Writes SLMProfile status when running as the profiling Job; a no-op otherwise."""
+class ProfileNotWritten(RuntimeError):
+    """The final result could not be written to the SLMProfile."""
+
+
+def status_writer(target: str | None, attempts: int = 3, retry_seconds: float = 2.0):
+    """Writes SLMProfile status when running as the profiling Job; a no-op otherwise.
+
+    Progress writes that fail are logged and skipped; the final write is retried, then raises."""
     if not target:
-        return lambda status: None
+        return lambda status, final=False: None
     from slmpack.adapters.kube import Kube, load_config
 
     namespace, _, name = target.partition("/")
@@ -144,10 +156,17 @@ def status_writer(target: str | None):
         raise SystemExit("--write-profile must be NAMESPACE/NAME")
     kube = Kube(load_config())
 
-    def write(status: dict) -> None:
-        try:
-            kube.patch_profile_status(namespace, name, status)
-        except Exception as error:  # progress must not stop the measurement
-            log.warning("could not write SLMProfile %s status: %s", target, error)
+    def write(status: dict, final: bool = False) -> None:
+        for attempt in range(1, (attempts if final else 1) + 1):
+            try:
+                kube.patch_profile_status(namespace, name, status)
+                return
+            except Exception as error:  # progress must not stop the measurement
+                log.warning("could not write SLMProfile %s status (attempt %d): %s", target, attempt, error)
+                last = error
+                if final and attempt < attempts:
+                    time.sleep(retry_seconds * attempt)
+        if final:
+            raise ProfileNotWritten(f"could not write the result to SLMProfile {target}: {last}")
 
     return write
