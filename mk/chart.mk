@@ -17,5 +17,6 @@ chart-lint: helm ## helm lint and template the chart
 	$(HELM) lint charts/slmpack
 	$(HELM) template slmpack charts/slmpack >/dev/null
 
-chart-files: crds ## copy the rules, the dashboard and the CRDs into the chart
-	cp deploy/prometheus/slmpack-rules.yaml deploy/grafana/slmpack-dashboard.json charts/slmpack/files/
+chart-files: crds ## copy the rules, the pod discovery, the dashboard and the CRDs into the chart
+	cp deploy/prometheus/slmpack-rules.yaml deploy/prometheus/pod_sd.py deploy/grafana/slmpack-dashboard.json \
+	  charts/slmpack/files/

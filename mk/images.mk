@@ -1,5 +1,5 @@
 IMAGES := e2e/cluster/images.sh
-IMAGE_TAGS := slmpack/operator:0.1.0 slmpack/exporter:0.1.0 slmpack/engine-cpu:0.1.0
+IMAGE_TAGS := slmpack/operator:0.1.0 slmpack/exporter:0.1.0 slmpack/engine-cpu:0.1.0 slmpack/prometheus:0.1.0
 
 .PHONY: images images-import
 images: system-deps ## build the project's images from images/ with buildah, cached as tars (no registry)
@@ -7,6 +7,7 @@ images: system-deps ## build the project's images from images/ with buildah, cac
 	TARGET=operator $(IMAGES) build slmpack/operator:0.1.0 images/slmpack.Dockerfile .
 	TARGET=exporter $(IMAGES) build slmpack/exporter:0.1.0 images/slmpack.Dockerfile .
 	$(IMAGES) build slmpack/engine-cpu:0.1.0 images/engine-cpu.Dockerfile .
+	$(IMAGES) build slmpack/prometheus:0.1.0 images/prometheus.Dockerfile images
 
 images-import: ## load the built images into the local node's containerd
 	for tag in $(IMAGE_TAGS); do $(IMAGES) import $$tag; done

@@ -109,6 +109,7 @@ def test_switches_add_monitoring_objects_from_the_shipped_files(helm):
 
 @pytest.mark.parametrize("shipped, copy", [
     ("deploy/prometheus/slmpack-rules.yaml", "charts/slmpack/files/slmpack-rules.yaml"),
+    ("deploy/prometheus/pod_sd.py", "charts/slmpack/files/pod_sd.py"),
     ("deploy/grafana/slmpack-dashboard.json", "charts/slmpack/files/slmpack-dashboard.json"),
 ])
 def test_chart_files_equal_the_shipped_files(shipped, copy):
@@ -313,3 +314,59 @@ def test_namespace_scope_grants_the_same_namespaced_rules(helm):
     cluster = next(d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] ==
                    "demo-slmpack-operator")
     assert granted(role["rules"]) == granted(cluster["rules"])
+
+
+# ---------------------------------------------------------------- the release's own Prometheus
+
+def _pod_sd():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pod_sd", ROOT / "deploy/prometheus/pod_sd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ENGINE_POD = {
+    "metadata": {"name": "chat-0", "namespace": "ai", "uid": "u1",
+                 "labels": {"app.kubernetes.io/name": "slmpack-engine", "slmpack.dev/deployment": "chat"},
+                 "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8000"},
+                 "ownerReferences": [{"kind": "StatefulSet", "name": "chat", "controller": True}]},
+    "spec": {"nodeName": "node-1", "containers": [{"name": "engine", "ports": [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"}]}, {"name": "sidecar"}]},
+    "status": {"podIP": "10.1.0.7", "hostIP": "10.0.0.1", "phase": "Running",
+               "conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+def test_pod_discovery_labels_targets_as_kubernetes_sd_does():
+    groups = _pod_sd().pod_target_groups(ENGINE_POD)
+    assert [g["targets"] for g in groups] == [["10.1.0.7:8000"], ["10.1.0.7"]]
+    labels = groups[0]["labels"]
+    assert labels["__meta_kubernetes_namespace"] == "ai" and labels["__meta_kubernetes_pod_name"] == "chat-0"
+    assert labels["__meta_kubernetes_pod_label_slmpack_dev_deployment"] == "chat"
+    assert labels["__meta_kubernetes_pod_labelpresent_app_kubernetes_io_name"] == "true"
+    assert labels["__meta_kubernetes_pod_annotation_prometheus_io_port"] == "8000"
+    assert labels["__meta_kubernetes_pod_container_port_name"] == "http"
+    assert labels["__meta_kubernetes_pod_ready"] == "true" and labels["__meta_kubernetes_pod_controller_kind"] == \
+        "StatefulSet"
+    assert groups[1]["labels"]["__meta_kubernetes_pod_container_name"] == "sidecar"
+
+
+def test_pod_discovery_skips_a_pod_without_an_ip():
+    starting = {**ENGINE_POD, "status": {"phase": "Pending"}}
+    assert _pod_sd().target_groups([starting, ENGINE_POD]) == _pod_sd().pod_target_groups(ENGINE_POD)
+
+
+def test_release_prometheus_discovers_by_annotations_with_list_only_rbac(helm):
+    docs = render(helm, "monitoring.prometheus.enabled=true")
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "demo-slmpack-prometheus")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and "prometheus" in d["metadata"]["name"])
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    assert {job["job_name"] for job in config["scrape_configs"]} == {"slmpack", "slmpack-engines"}
+    assert all("static_configs" not in job for job in config["scrape_configs"])
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/slmpack-rules.yaml").read_text())
+    assert yaml.safe_load(config_map["data"]["slmpack-rules.yaml"]) == shipped
+    pod = next(d for d in docs if d["kind"] == "Deployment" and "prometheus" in d["metadata"]["name"])
+    assert pod["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
