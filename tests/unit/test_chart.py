@@ -1,6 +1,7 @@
 """The Helm chart: lint, render, least-privilege RBAC, strict values, files in sync."""
 
 import ast
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -105,6 +106,30 @@ def test_switches_add_monitoring_objects_from_the_shipped_files(helm):
     assert rule["spec"]["groups"] == shipped["groups"]
     assert any(d["kind"] == "ConfigMap" and "slmpack-dashboard.json" in d["data"] for d in docs)
     assert {d["kind"] for d in docs} >= {"PodMonitor", "ServiceMonitor"}
+
+
+MONITORING_SCHEMAS = Path.home() / ".cache/slmpack/prometheus-operator-models"
+
+
+def validate_monitors(objects: list[dict]) -> subprocess.CompletedProcess:
+    if not (MONITORING_SCHEMAS / "6.0.0").exists():
+        subprocess.run(["make", "-s", "monitoring-schemas"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return subprocess.run(["node", str(ROOT / "deploy/prometheus/validate-monitors.mjs"), str(MONITORING_SCHEMAS)],
+                          input=json.dumps(objects), capture_output=True, text=True, timeout=120)
+
+
+def test_monitors_and_rules_match_the_prometheus_operator_schemas(helm):
+    docs = render(helm, "monitoring.prometheusRule.enabled=true", "monitoring.podMonitor.enabled=true",
+                  "monitoring.serviceMonitor.enabled=true")
+    monitors = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in monitors} == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    done = validate_monitors(monitors)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The check has teeth: an interval Prometheus cannot parse is refused by name.
+    bad = next(d for d in monitors if d["kind"] == "ServiceMonitor")
+    bad["spec"]["endpoints"][0]["interval"] = "fast"
+    done = validate_monitors([bad])
+    assert done.returncode == 1 and "spec/endpoints/0/interval" in done.stdout
 
 
 @pytest.mark.parametrize("shipped, copy", [
