@@ -50,7 +50,7 @@ lint: deps ## ruff and the import layers
 	$(dir $(PYTHON))ruff check operator tests benchmarks e2e
 	$(dir $(PYTHON))lint-imports
 
-test: deps lint k8s-binaries helm ## every test tier: unit, control plane, node, engine, Prometheus, chart
+test: deps lint k8s-binaries helm images ## every test tier: unit, control plane, node, engine, Prometheus, chart
 	# pytest exits 5 when it collected no test: a suite that ran nothing has failed.
 	$(PYTHON) -m pytest -ra; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status

@@ -20,6 +20,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.fixtures.cluster import local_image
+
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,8 @@ KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 PREVIOUS_CHART_COMMIT = "a84985a70aec18210b159191f7b823db183f9b6b"  # chart 0.1.0
 GROUP, VERSION = "slmpack.dev", "v1alpha1"
 NAME = "chat"
+# Built by `make images` (a prerequisite of `make test`), imported into the node here.
+IMAGES = ["slmpack/operator:0.1.0", "slmpack/exporter:0.1.0", "slmpack/engine-cpu:0.1.0", "slmpack/prometheus:0.1.0"]
 
 
 def run(kubeconfig: Path, *args: str, timeout: int = 600) -> str:
@@ -59,6 +63,12 @@ def release_values(app_namespace: str) -> list[str]:
             "--set", f"devMode.fakeDeployment={app_namespace}/{NAME}"]
 
 
+@pytest.fixture(scope="module")
+def images(node_kubeconfig):
+    for tag in IMAGES:
+        local_image(tag)
+
+
 @pytest.fixture
 def app_namespace(api_client):
     name = f"t-{uuid.uuid4().hex[:8]}"
@@ -70,7 +80,7 @@ def app_namespace(api_client):
 
 
 @pytest.fixture
-def releases(node_kubeconfig):
+def releases(node_kubeconfig, images):
     """Installed releases, uninstalled afterwards (with their cluster-scoped objects)."""
     installed: list[tuple[str, str]] = []
     yield installed
