@@ -32,7 +32,8 @@ PREVIOUS_CHART_COMMIT = "a84985a70aec18210b159191f7b823db183f9b6b"  # chart 0.1.
 GROUP, VERSION = "slmpack.dev", "v1alpha1"
 NAME = "chat"
 # Built by `make images` (a prerequisite of `make test`), imported into the node here.
-IMAGES = ["slmpack/operator:0.1.0", "slmpack/exporter:0.1.0", "slmpack/engine-cpu:0.1.0", "slmpack/prometheus:0.1.0"]
+CHART_IMAGES = ["slmpack/operator:0.1.0", "slmpack/exporter:0.1.0"]
+SERVING_IMAGES = ["slmpack/engine-cpu:0.1.0", "slmpack/prometheus:0.1.0"]
 
 
 def run(kubeconfig: Path, *args: str, timeout: int = 600) -> str:
@@ -65,7 +66,7 @@ def release_values(app_namespace: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def images(node_kubeconfig):
-    for tag in IMAGES:
+    for tag in CHART_IMAGES:
         local_image(tag)
 
 
@@ -166,6 +167,8 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
     if not core.read_node("localhost").status.allocatable.get("nvidia.com/gpu"):
         from tests.fixtures.fake_gpu import advertise
         advertise(core, replicas=4)
+    for tag in SERVING_IMAGES:
+        local_image(tag)
     release = f"r{uuid.uuid4().hex[:6]}"
 
     # Chart 0.1.0 with a live, serving SLMDeployment.
