@@ -158,8 +158,9 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
-        holder = rbac.read_cluster_role("slmpack-profiler").metadata.labels.get("app.kubernetes.io/instance")
-        pytest.skip(f"release {holder} holds ClusterRole slmpack-profiler: chart 0.1.0 named it alike for every "
+        labels = rbac.read_cluster_role("slmpack-profiler").metadata.labels or {}
+        holder = labels.get("app.kubernetes.io/instance", "another installation")
+        pytest.skip(f"{holder} holds ClusterRole slmpack-profiler: chart 0.1.0 named it alike for every "
                     "release (the collision 0.2.0 fixes), so it cannot install beside it")
     except ApiException as error:
         if error.status != 404:
