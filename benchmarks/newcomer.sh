@@ -19,10 +19,12 @@ case "${1:-}" in
       echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"; } | tee -a "$OUT/cold.txt"
     rm -rf build/bench-venv ;;
   warm)
-    make -s deps k8s-binaries helm >/dev/null  # make sure everything is in place first
+    # Everything `make test` does before pytest: deps lint k8s-binaries helm images.
+    make -s deps k8s-binaries helm images >/dev/null  # make sure everything is in place first
     { echo "# $(stamp) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
       for run in 1 2 3; do
-        echo "run $run setup_seconds $(seconds make -s deps k8s-binaries helm) lint_seconds $(seconds make -s lint)"
+        echo "run $run setup_seconds $(seconds make -s deps k8s-binaries helm images)" \
+             "lint_seconds $(seconds make -s lint)"
       done; } | tee -a "$OUT/warm.txt" ;;
   *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac
