@@ -4,14 +4,15 @@
 #   make image-engine        (about 10 GB; its size and `vllm --version` are in benchmarks/newcomer.md)
 FROM docker.io/library/python:3.11-slim AS build
 ARG VLLM_VERSION=0.32.0
-# --isolated: the build host's pip configuration may point at CPU-only torch wheels, which would
-# satisfy vLLM's torch pin without CUDA; only the CA bundle is taken from it.
+# No pip configuration (PIP_CONFIG_FILE=/dev/null): a build host's may point at CPU-only torch
+# wheels, which satisfy vLLM's torch pin without CUDA. Only its CA bundle is used.
+ENV PIP_CONFIG_FILE=/dev/null
 RUN python3 -m venv /opt/slmpack \
- && /opt/slmpack/bin/pip install --isolated --cert /run/host-ca.crt --no-cache-dir "vllm==${VLLM_VERSION}"
+ && /opt/slmpack/bin/pip install --cert /run/host-ca.crt --no-cache-dir "vllm==${VLLM_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
-RUN /opt/slmpack/bin/pip install --isolated --cert /run/host-ca.crt --no-cache-dir --no-deps . \
+RUN /opt/slmpack/bin/pip install --cert /run/host-ca.crt --no-cache-dir --no-deps . \
  && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM docker.io/library/python:3.11-slim
