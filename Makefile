@@ -47,7 +47,7 @@ lock: ## re-pin every Python dependency into constraints.txt (run after editing 
 	rm -rf build/lock-venv
 
 lint: deps ## ruff and the import layers
-	$(dir $(PYTHON))ruff check operator tests benchmarks e2e
+	$(dir $(PYTHON))ruff check operator tests benchmarks e2e deploy
 	$(dir $(PYTHON))lint-imports
 
 test: deps lint k8s-binaries helm images ## every test tier: unit, control plane, node, engine, Prometheus, chart
