@@ -17,5 +17,18 @@ chart-lint: helm ## helm lint and template the chart
 	$(HELM) lint charts/slmpack
 	$(HELM) template slmpack charts/slmpack >/dev/null
 
-chart-files: crds ## copy the rules, the dashboard and the CRDs into the chart
-	cp deploy/prometheus/slmpack-rules.yaml deploy/grafana/slmpack-dashboard.json charts/slmpack/files/
+chart-files: crds ## copy the rules, the pod discovery, the dashboard and the CRDs into the chart
+	cp deploy/prometheus/slmpack-rules.yaml deploy/prometheus/pod_sd.py deploy/grafana/slmpack-dashboard.json \
+	  charts/slmpack/files/
+
+# The Prometheus Operator's schemas for ServiceMonitor, PodMonitor and PrometheusRule, from npm.
+MONITORING_SCHEMAS := $(HOME)/.cache/slmpack/prometheus-operator-models
+MONITORING_SCHEMAS_VERSION := 6.0.0
+.PHONY: monitoring-schemas
+$(MONITORING_SCHEMAS)/$(MONITORING_SCHEMAS_VERSION):
+	rm -rf $(MONITORING_SCHEMAS) && mkdir -p $(MONITORING_SCHEMAS)
+	cd $(MONITORING_SCHEMAS) && npm install --silent --no-audit --no-fund \
+	  @kubernetes-models/prometheus-operator@$(MONITORING_SCHEMAS_VERSION) >/dev/null
+	touch $@
+
+monitoring-schemas: $(MONITORING_SCHEMAS)/$(MONITORING_SCHEMAS_VERSION) ## the Prometheus Operator's monitor schemas (npm)

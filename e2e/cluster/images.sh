@@ -96,8 +96,23 @@ busybox() {
   [ -f "$(tar_path "$tag")" ] || archive "$tag"
 }
 
+inputs_key() { # a hash of what a build reads: the Dockerfile, its stage, and every file it COPYs
+  local dockerfile=$1 context=$2 sources
+  sources=$(awk 'toupper($1) == "COPY" && $2 !~ /^--from/ { for (i = 2; i < NF; i++) print $i }' "$dockerfile")
+  { cat "$dockerfile"; echo "target=${TARGET:-}"
+    # shellcheck disable=SC2086
+    [ -z "$sources" ] || (cd "$context" && find $sources -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -print0 | sort -z \
+      | xargs -0 sha256sum)
+  } | sha256sum | cut -c1-64
+}
+
 build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   local tag=$1 dockerfile=$2 context=${3:-$ROOT} no_archive=${4:-}
+  local tar key; tar=$(tar_path "$tag"); key=$(inputs_key "$dockerfile" "$context")
+  # Unchanged inputs and a cached tar: nothing to build, and buildah is not even started.
+  if [ "$no_archive" != --no-archive ] && [ -f "$tar" ] && [ "$(cat "$tar.key" 2>/dev/null)" = "$key" ]; then
+    log "$tag is current ($tar)"; return 0
+  fi
   log "building $tag from $dockerfile"
   # shellcheck disable=SC2046
   buildah bud --pull-never --network host --layers -q $(build_mounts) ${TARGET:+--target "$TARGET"} \
@@ -105,12 +120,12 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   [ "$no_archive" = --no-archive ] && return 0
   # With every layer cached, buildah gives back the same image: its tar is current, and writing
   # a multi-gigabyte archive again would cost minutes.
-  local tar; tar=$(tar_path "$tag")
   if [ -f "$tar" ] && [ "$(cat "$tar.id" 2>/dev/null)" = "$(image_id "$tag")" ]; then
-    log "$tag is unchanged ($tar)"; return 0
+    log "$tag is unchanged ($tar)"; echo "$key" > "$tar.key"; return 0
   fi
   archive "$tag"
   image_id "$tag" > "$tar.id"
+  echo "$key" > "$tar.key"
 }
 
 image_id() { buildah images --noheading --no-trunc --format '{{.ID}}' "$1" | head -1; }

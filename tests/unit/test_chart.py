@@ -1,5 +1,8 @@
 """The Helm chart: lint, render, least-privilege RBAC, strict values, files in sync."""
 
+import ast
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -61,11 +64,11 @@ def test_rbac_is_least_privilege(helm):
     # The one thing the operator deletes: a DRA pack's old ResourceClaim, once no pod uses it.
     deletes = [r for rules in roles.values() for r in rules if "delete" in r["verbs"]]
     assert [(r["apiGroups"], r["resources"]) for r in deletes] == [(["resource.k8s.io"], ["resourceclaims"])]
-    assert roles["slmpack-profiler"] == [{"apiGroups": ["slmpack.dev"], "resources": ["slmprofiles/status"],
-                                         "verbs": ["get", "patch"]}]
+    assert roles["demo-slmpack-profiler"] == [{"apiGroups": ["slmpack.dev"], "resources": ["slmprofiles/status"],
+                                               "verbs": ["get", "patch"]}]
     binds = [r for rules in roles.values() for r in rules if "bind" in r["verbs"]]
     assert binds == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
-                      "resourceNames": ["slmpack-profiler"]}]
+                      "resourceNames": ["demo-slmpack-profiler"]}]
     secrets = [r for rules in roles.values() for r in rules if "secrets" in r["resources"]]
     assert secrets == []
 
@@ -108,9 +111,290 @@ def test_switches_add_monitoring_objects_from_the_shipped_files(helm):
     assert {d["kind"] for d in docs} >= {"PodMonitor", "ServiceMonitor"}
 
 
+MONITORING_SCHEMAS = Path.home() / ".cache/slmpack/prometheus-operator-models"
+
+
+def validate_monitors(objects: list[dict]) -> subprocess.CompletedProcess:
+    if not (MONITORING_SCHEMAS / "6.0.0").exists():
+        subprocess.run(["make", "-s", "monitoring-schemas"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return subprocess.run(["node", str(ROOT / "deploy/prometheus/validate-monitors.mjs"), str(MONITORING_SCHEMAS)],
+                          input=json.dumps(objects), capture_output=True, text=True, timeout=120)
+
+
+def test_monitors_and_rules_match_the_prometheus_operator_schemas(helm):
+    docs = render(helm, "monitoring.prometheusRule.enabled=true", "monitoring.podMonitor.enabled=true",
+                  "monitoring.serviceMonitor.enabled=true")
+    monitors = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in monitors} == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    done = validate_monitors(monitors)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The check has teeth: an interval Prometheus cannot parse is refused by name.
+    bad = next(d for d in monitors if d["kind"] == "ServiceMonitor")
+    bad["spec"]["endpoints"][0]["interval"] = "fast"
+    done = validate_monitors([bad])
+    assert done.returncode == 1 and "spec/endpoints/0/interval" in done.stdout
+
+
 @pytest.mark.parametrize("shipped, copy", [
     ("deploy/prometheus/slmpack-rules.yaml", "charts/slmpack/files/slmpack-rules.yaml"),
+    ("deploy/prometheus/pod_sd.py", "charts/slmpack/files/pod_sd.py"),
     ("deploy/grafana/slmpack-dashboard.json", "charts/slmpack/files/slmpack-dashboard.json"),
 ])
 def test_chart_files_equal_the_shipped_files(shipped, copy):
     assert (ROOT / copy).read_text() == (ROOT / shipped).read_text(), f"run `make chart-files` ({copy} drifted)"
+
+
+def test_two_releases_name_every_cluster_scoped_object_apart(helm):
+    def cluster_scoped(release):
+        done = subprocess.run([str(helm), "template", release, str(CHART), "--namespace", f"{release}-system"],
+                              capture_output=True, text=True, check=True)
+        docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+        return {(d["kind"], d["metadata"]["name"]) for d in docs if "namespace" not in d["metadata"]}, docs
+
+    first, _ = cluster_scoped("team-a")
+    second, docs = cluster_scoped("team-b")
+    assert first and not first & second
+    # The operator binds the profiler role of its own release.
+    operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    role = next(e["value"] for e in operator["env"] if e["name"] == "SLMPACK_PROFILER_CLUSTER_ROLE")
+    assert ("ClusterRole", role) in second
+
+
+def test_values_name_dockerfiles_and_stages_that_exist():
+    named = re.findall(r"(images/[\w.-]+\.Dockerfile), stage (\w+)", (CHART / "values.yaml").read_text())
+    assert len(named) == 2
+    for dockerfile, stage in named:
+        assert (ROOT / dockerfile).exists(), dockerfile
+        assert re.search(rf"^FROM .* AS {stage}$", (ROOT / dockerfile).read_text(), re.M), (dockerfile, stage)
+
+
+# ---------------------------------------------------------------- RBAC against the operator's calls
+#
+# The operator's API calls are read from its code: the Kube adapter methods the handlers call
+# (each one's client method gives the verb and resource), the objects they apply or create (the
+# kinds the manifest builders return), the owners they point children at, and the resources kopf
+# watches and patches for the handlers. The chart must grant exactly those.
+
+OPERATOR = ROOT / "operator" / "slmpack"
+CLIENT_VERBS = {"list": "list", "read": "get", "get": "get", "create": "create", "patch": "patch", "replace": "update",
+                "delete": "delete"}
+CLIENT_GROUPS = {"core": "", "batch": "batch", "apps": "apps", "custom": "slmpack.dev"}
+# kopf's own calls (kopf/_cogs/clients): it lists and watches every resource with a handler,
+# patches the objects of changing handlers (progress and diff-base annotations, and status), and
+# posts Events for kopf.info/warn and for handler failures.
+KOPF_CHANGING = {"create", "update", "resume", "delete", "field"}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
+def _methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
+    return {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+
+
+def _crd_plurals() -> set[str]:
+    return {yaml.safe_load(p.read_text())["spec"]["names"]["plural"] for p in (ROOT / "crds").glob("*.yaml")}
+
+
+def _kube_method_calls(name: str, methods: dict, plurals: set[str]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of one Kube adapter method, following its self._helper calls."""
+    found, literals, clients = set(), set(), []
+    for node in ast.walk(methods[name]):
+        if isinstance(node, ast.Constant) and node.value in plurals:
+            literals.add(node.value)
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        target = node.func.value
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self" \
+                and target.attr in CLIENT_GROUPS:
+            clients.append((target.attr, node.func.attr))
+        elif isinstance(target, ast.Name) and target.id == "self" and node.func.attr in methods \
+                and node.func.attr.startswith("_"):
+            clients += [("helper", node.func.attr)]
+    for api, method in clients:
+        if api == "helper":
+            inner = _kube_method_calls(method, methods, plurals)
+            found |= {(g, r.replace("*", plural), v) for g, r, v in inner for plural in literals} if any(
+                "*" in r for _, r, _ in inner) else inner
+            continue
+        match = re.fullmatch(r"(list|read|get|create|patch|replace|delete)_(?:namespaced_)?(\w+?)(_status)?", method)
+        assert match, f"Kube.{name} calls {api}.{method}, which this test cannot read"
+        verb, resource, status = CLIENT_VERBS[match[1]], match[2], match[3] or ""
+        resources = (literals or {"*"}) if resource == "custom_object" else {resource + "s"}
+        found |= {(CLIENT_GROUPS[api], r + ("/status" if status else ""), verb) for r in resources}
+    return found
+
+
+def _resolve_builders(function: ast.FunctionDef, expr: ast.AST, seen=frozenset()) -> set[str]:
+    """The build_* functions whose results flow into `expr` inside `function`."""
+    names = {n.func.id for n in ast.walk(expr) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id.startswith("build_")}
+    for variable in {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} - seen:
+        for node in ast.walk(function):
+            sources = []
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
+                sources.append(node.value)
+            if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and node.target.id == variable:
+                sources.append(node.iter)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == variable:
+                sources += node.args
+            for source in sources:
+                names |= _resolve_builders(function, source, seen | {variable})
+    return names
+
+
+def _built_kinds() -> dict[str, set[tuple[str, str]]]:
+    """(apiVersion, kind) of the top-level objects each manifest builder returns."""
+    import slmpack.core.manifests as manifests
+
+    kinds = {}
+    for function in _tree(OPERATOR / "core/manifests.py").body:
+        if not (isinstance(function, ast.FunctionDef) and function.name.startswith("build_")):
+            continue
+        kinds[function.name] = set()
+        for node in ast.walk(function):
+            if isinstance(node, ast.Dict):
+                keys = {k.value: v for k, v in zip(node.keys, node.values, strict=True)
+                        if isinstance(k, ast.Constant)}
+                if {"apiVersion", "kind", "metadata"} <= keys.keys():
+                    version = keys["apiVersion"]
+                    version = version.value if isinstance(version, ast.Constant) else getattr(manifests, version.id)
+                    kinds[function.name].add((version, keys["kind"].value))
+    return kinds
+
+
+def _group(api_version: str) -> str:
+    return api_version.rpartition("/")[0]
+
+
+def operator_calls() -> set[tuple[str, str, str]]:
+    from slmpack import API_GROUP
+
+    plurals = _crd_plurals()
+    kube_methods = _methods(next(c for c in _tree(OPERATOR / "adapters/kube.py").body
+                                 if isinstance(c, ast.ClassDef) and c.name == "Kube"))
+    handlers = _tree(OPERATOR / "controller/handlers.py")
+    built = _built_kinds()
+    calls: set[tuple[str, str, str]] = set()
+    functions = [f for f in ast.walk(handlers) if isinstance(f, ast.FunctionDef)]
+    for function in functions:
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            on = node.func.value
+            via_kube = (isinstance(on, ast.Attribute) and on.attr == "kube") or \
+                       (isinstance(on, ast.Call) and isinstance(on.func, ast.Name) and on.func.id == "kube")
+            if not via_kube:
+                continue
+            method = node.func.attr
+            if method in ("apply", "create_if_absent"):
+                verbs = {"create", "patch"} if method == "apply" else {"create"}  # apply may create
+                builders = _resolve_builders(function, node.args[0])
+                assert builders, f"{function.name}: cannot tell what Kube.{method} writes"
+                for builder in builders:
+                    for version, kind in built[builder]:
+                        calls |= {(_group(version), kind.lower() + "s", verb) for verb in verbs}
+                        if kind == "RoleBinding":  # to a ClusterRole the operator does not itself hold
+                            calls.add(("rbac.authorization.k8s.io", "clusterroles", "bind"))
+            else:
+                calls |= _kube_method_calls(method, kube_methods, plurals)
+    # Children point at their owner with blockOwnerDeletion, which needs update on its finalizers.
+    for node in ast.walk(handlers):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Owner":
+            kind = next(k.value.value for k in node.keywords if k.arg == "kind")
+            calls.add((API_GROUP, kind.lower() + "s/finalizers", "update"))
+    # kopf's calls for the handlers it runs.
+    for node in ast.walk(handlers):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "on" and len(node.args) >= 3:
+            group, _, plural = (a.value if isinstance(a, ast.Constant) else API_GROUP for a in node.args[:3])
+            calls |= {(group, plural, "list"), (group, plural, "watch")}
+            if node.func.attr in KOPF_CHANGING:
+                calls |= {(group, plural, "patch"), (group, plural + "/status", "patch"), ("", "events", "create")}
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kopf" \
+                and node.attr in ("info", "warn", "event", "exception"):
+            calls.add(("", "events", "create"))
+    return calls
+
+
+def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_operator_rbac_grants_exactly_the_calls_the_operator_makes(helm):
+    docs = render(helm)
+    operator_sa = "demo-slmpack-operator"
+    bound = {b["roleRef"]["name"] for b in docs if b["kind"] == "ClusterRoleBinding"
+             and any(s["name"] == operator_sa for s in b["subjects"])}
+    rules = [r for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] in bound for r in d["rules"]]
+    calls = operator_calls()
+    assert ("apps", "statefulsets", "patch") in calls and ("", "pods", "watch") in calls  # the reading works
+    assert granted(rules) - calls == set(), "the chart grants verbs the operator never uses"
+    assert calls - granted(rules) == set(), "the operator makes calls the chart does not allow"
+
+
+def test_namespace_scope_grants_the_same_namespaced_rules(helm):
+    docs = render(helm, "rbac.scope=namespaces", "rbac.watchNamespaces={team-a}")
+    role = next(d for d in docs if d["kind"] == "Role")
+    cluster = next(d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] ==
+                   "demo-slmpack-operator")
+    assert granted(role["rules"]) == granted(cluster["rules"])
+
+
+# ---------------------------------------------------------------- the release's own Prometheus
+
+def _pod_sd():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pod_sd", ROOT / "deploy/prometheus/pod_sd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ENGINE_POD = {
+    "metadata": {"name": "chat-0", "namespace": "ai", "uid": "u1",
+                 "labels": {"app.kubernetes.io/name": "slmpack-engine", "slmpack.dev/deployment": "chat"},
+                 "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8000"},
+                 "ownerReferences": [{"kind": "StatefulSet", "name": "chat", "controller": True}]},
+    "spec": {"nodeName": "node-1", "containers": [{"name": "engine", "ports": [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"}]}, {"name": "sidecar"}]},
+    "status": {"podIP": "10.1.0.7", "hostIP": "10.0.0.1", "phase": "Running",
+               "conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+def test_pod_discovery_labels_targets_as_kubernetes_sd_does():
+    groups = _pod_sd().pod_target_groups(ENGINE_POD)
+    assert [g["targets"] for g in groups] == [["10.1.0.7:8000"], ["10.1.0.7"]]
+    labels = groups[0]["labels"]
+    assert labels["__meta_kubernetes_namespace"] == "ai" and labels["__meta_kubernetes_pod_name"] == "chat-0"
+    assert labels["__meta_kubernetes_pod_label_slmpack_dev_deployment"] == "chat"
+    assert labels["__meta_kubernetes_pod_labelpresent_app_kubernetes_io_name"] == "true"
+    assert labels["__meta_kubernetes_pod_annotation_prometheus_io_port"] == "8000"
+    assert labels["__meta_kubernetes_pod_container_port_name"] == "http"
+    assert labels["__meta_kubernetes_pod_ready"] == "true" and labels["__meta_kubernetes_pod_controller_kind"] == \
+        "StatefulSet"
+    assert groups[1]["labels"]["__meta_kubernetes_pod_container_name"] == "sidecar"
+
+
+def test_pod_discovery_skips_a_pod_without_an_ip():
+    starting = {**ENGINE_POD, "status": {"phase": "Pending"}}
+    assert _pod_sd().target_groups([starting, ENGINE_POD]) == _pod_sd().pod_target_groups(ENGINE_POD)
+
+
+def test_release_prometheus_discovers_by_annotations_with_list_only_rbac(helm):
+    docs = render(helm, "monitoring.prometheus.enabled=true")
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "demo-slmpack-prometheus")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and "prometheus" in d["metadata"]["name"])
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    assert {job["job_name"] for job in config["scrape_configs"]} == {"slmpack", "slmpack-engines"}
+    assert all("static_configs" not in job for job in config["scrape_configs"])
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/slmpack-rules.yaml").read_text())
+    assert yaml.safe_load(config_map["data"]["slmpack-rules.yaml"]) == shipped
+    pod = next(d for d in docs if d["kind"] == "Deployment" and "prometheus" in d["metadata"]["name"])
+    assert pod["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

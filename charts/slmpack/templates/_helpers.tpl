@@ -29,9 +29,10 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* The ClusterRole the profiling Jobs run under; the operator binds it where it profiles. */}}
+{{/* The ClusterRole the profiling Jobs run under; the operator binds it where it profiles.
+Named by release, like every cluster-scoped object, so that two releases coexist. */}}
 {{- define "slmpack.profilerRole" -}}
-slmpack-profiler
+{{- include "slmpack.component" (dict "root" . "component" "profiler") -}}
 {{- end -}}
 
 {{- define "slmpack.podSecurity" -}}
@@ -49,23 +50,26 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/* What the operator does in a watched namespace, and nothing more. */}}
+{{/* What the operator does in a watched namespace, and nothing more: tests/unit/test_chart.py
+derives these verbs from the operator's code and fails when the two differ. Server-side apply
+needs create and patch; an ownerReference with blockOwnerDeletion needs update on the owner's
+finalizers. */}}
 {{- define "slmpack.operatorRules" -}}
 - apiGroups: [slmpack.dev]
   resources: [slmdeployments]
   verbs: [get, list, watch, patch]
 - apiGroups: [slmpack.dev]
   resources: [slmdeployments/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [slmpack.dev]
-  resources: [slmdeployments/finalizers]
+  resources: [slmdeployments/finalizers, slmprofiles/finalizers]
   verbs: [update]
 - apiGroups: [slmpack.dev]
   resources: [slmprofiles]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [create, patch]
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, patch]
@@ -77,16 +81,16 @@ capabilities:
   verbs: [get, create, update]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [rolebindings]
-  verbs: [get, create, patch]
+  verbs: [create, patch]
 - apiGroups: [resource.k8s.io]
   resources: [resourceclaims]
   verbs: [get, list, create, patch, delete]

@@ -1,0 +1,229 @@
+"""The chart on the real local cluster: two releases side by side, and an upgrade from the
+previous chart version under a live SLMDeployment, after which the release's own Prometheus
+(Debian's, discovering pods by annotation) evaluates joules per token and every dashboard query.
+
+The previous version is the chart as main last shipped it before 0.2.0, taken from git history.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+import time
+import uuid
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.fixtures.cluster import local_image
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "slmpack"
+HELM = Path.home() / ".cache/slmpack/helm-3.17/helm"
+KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
+PREVIOUS_CHART_COMMIT = "a84985a70aec18210b159191f7b823db183f9b6b"  # chart 0.1.0
+GROUP, VERSION = "slmpack.dev", "v1alpha1"
+NAME = "chat"
+# Built by `make images` (a prerequisite of `make test`), imported into the node here.
+CHART_IMAGES = ["slmpack/operator:0.1.0", "slmpack/exporter:0.1.0"]
+SERVING_IMAGES = ["slmpack/engine-cpu:0.1.0", "slmpack/prometheus:0.1.0"]
+
+
+def run(kubeconfig: Path, *args: str, timeout: int = 600) -> str:
+    done = subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    assert done.returncode == 0, f"{' '.join(map(str, args))}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def wait(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except (ApiException, httpx.HTTPError) as error:
+            last = error
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(1)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what} (last: {last})")
+
+
+def release_values(app_namespace: str) -> list[str]:
+    """A CPU test bed release that watches only the app namespace, so releases do not overlap."""
+    return ["--set", "devMode.cpu=true", "--set", "exporter.runtimeClassName=", "--set", "rbac.scope=namespaces",
+            "--set", f"rbac.watchNamespaces={{{app_namespace}}}",
+            "--set", f"devMode.fakeDeployment={app_namespace}/{NAME}"]
+
+
+@pytest.fixture(scope="module")
+def images(node_kubeconfig):
+    for tag in CHART_IMAGES:
+        local_image(tag)
+
+
+@pytest.fixture
+def app_namespace(api_client):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name, "labels": {"slmpack.dev/test": "true"}}})
+    wait(lambda: core.read_namespaced_service_account("default", name).secrets, 60, "the default token")
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def releases(node_kubeconfig, images):
+    """Installed releases, uninstalled afterwards (with their cluster-scoped objects)."""
+    installed: list[tuple[str, str]] = []
+    yield installed
+    for release, namespace in installed:
+        subprocess.run([HELM, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "3m"],
+                       capture_output=True, env={"KUBECONFIG": str(node_kubeconfig), "HOME": str(Path.home())})
+
+
+def cluster_scoped(kubeconfig: Path, release: str) -> set[tuple[str, str]]:
+    out = run(kubeconfig, KUBECTL, "get", "clusterroles,clusterrolebindings", "-o", "json",
+              "-l", f"app.kubernetes.io/instance={release}")
+    return {(i["kind"], i["metadata"]["name"]) for i in json.loads(out)["items"]}
+
+
+def test_two_releases_install_side_by_side_and_uninstall_cleanly(node_kubeconfig, namespace, app_namespace,
+                                                                  api_client, releases):
+    core = client.CoreV1Api(api_client)
+    second_system = f"{namespace}-b"
+    core.create_namespace({"metadata": {"name": second_system, "labels": {"slmpack.dev/test": "true"}}})
+    try:
+        names = [f"r{uuid.uuid4().hex[:6]}", f"r{uuid.uuid4().hex[:6]}"]
+        for release, system in zip(names, (namespace, second_system), strict=True):
+            run(node_kubeconfig, HELM, "install", release, CHART, "--namespace", system, "--wait", "--timeout", "5m",
+                *release_values(app_namespace))
+            releases.append((release, system))
+        first, second = (cluster_scoped(node_kubeconfig, r) for r in names)
+        assert first and len(first) == len(second) and not first & second
+        for release, system in releases:
+            run(node_kubeconfig, HELM, "uninstall", release, "--namespace", system, "--wait")
+            assert cluster_scoped(node_kubeconfig, release) == set()
+        releases.clear()
+    finally:
+        core.delete_namespace(second_system, propagation_policy="Background")
+
+
+def previous_chart(tmp_path: Path) -> Path:
+    archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_CHART_COMMIT, "charts/slmpack"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    return tmp_path / "charts" / "slmpack"
+
+
+def slmdeployment() -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": NAME}, "spec": {
+        "model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
+        "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
+        "sharing": "mps", "replicas": 1,
+        "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "6Gi"}}}}
+
+
+def available(custom, namespace):
+    body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "slmdeployments", NAME)
+    return any(c["type"] == "Available" and c["status"] == "True" for c in (body.get("status") or {}).get(
+        "conditions", []))
+
+
+def complete(core, namespace) -> str:
+    ip = core.read_namespaced_service(NAME, namespace).spec.cluster_ip
+    body = {"model": NAME, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    answer = httpx.post(f"http://{ip}:8000/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    assert answer.strip()
+    return answer
+
+
+def query(url: str, expr: str) -> list[dict]:
+    body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_everything(
+        node_kubeconfig, namespace, app_namespace, api_client, releases, tmp_path):
+    core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    try:
+        labels = rbac.read_cluster_role("slmpack-profiler").metadata.labels or {}
+        holder = labels.get("app.kubernetes.io/instance", "another installation")
+        pytest.skip(f"{holder} holds ClusterRole slmpack-profiler: chart 0.1.0 named it alike for every "
+                    "release (the collision 0.2.0 fixes), so it cannot install beside it")
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    if not core.read_node("localhost").status.allocatable.get("nvidia.com/gpu"):
+        from tests.fixtures.fake_gpu import advertise
+        advertise(core, replicas=4)
+    for tag in SERVING_IMAGES:
+        local_image(tag)
+    release = f"r{uuid.uuid4().hex[:6]}"
+
+    # Chart 0.1.0 with a live, serving SLMDeployment.
+    run(node_kubeconfig, HELM, "install", release, previous_chart(tmp_path), "--namespace", namespace, "--wait",
+        "--timeout", "5m", *release_values(app_namespace))
+    releases.append((release, namespace))
+    custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
+    wait(lambda: available(custom, app_namespace), 900, "the SLMDeployment to become Available")
+    engine = core.read_namespaced_pod(f"{NAME}-0", app_namespace)
+    assert complete(core, app_namespace)
+
+    # The documented upgrade: CRDs first (helm never upgrades crds/), then the chart.
+    run(node_kubeconfig, KUBECTL, "apply", "--server-side", "--force-conflicts", "-f", CHART / "crds")
+    run(node_kubeconfig, HELM, "upgrade", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
+        *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
+        "--set", "monitoring.prometheus.scrapeInterval=2s")
+
+    # The engine kept running through it, and still answers.
+    after = core.read_namespaced_pod(f"{NAME}-0", app_namespace)
+    assert after.metadata.uid == engine.metadata.uid
+    assert all(s.restart_count == 0 for s in after.status.container_statuses)
+    assert complete(core, app_namespace)
+    assert available(custom, app_namespace)
+    # The new operator, with the new RBAC, reconciles it: a deleted Service comes back.
+    core.delete_namespaced_service(NAME, app_namespace)
+    core.patch_namespaced_pod(f"{NAME}-0", app_namespace, {"metadata": {"annotations": {"test/poke": "1"}}})
+    wait(lambda: core.read_namespaced_service(NAME, app_namespace), 120, "the operator to re-create the Service")
+
+    # The release's Prometheus discovered the exporter and the engine by annotation.
+    prometheus = wait(lambda: next((p.status.pod_ip for p in core.list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/component=prometheus").items
+        if p.status.pod_ip and all(s.ready for s in p.status.container_statuses or [False])), None),
+        180, "the release's Prometheus to be ready")
+    url = f"http://{prometheus}:9090"
+
+    def jobs_up():
+        targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return {(t["labels"]["job"], t["labels"].get("pod", "")) for t in targets if t["health"] == "up"}
+
+    found = wait(lambda: (jobs := jobs_up()) >= {("slmpack-engines", f"{NAME}-0")} and any(
+        j == "slmpack" for j, _ in jobs) and jobs, 120, "the exporter and the engine to be scraped")
+    assert ("slmpack-engines", f"{NAME}-0") in found
+
+    # Traffic across scrapes; then the J/token rule evaluates from the discovered series.
+    for _ in range(4):
+        complete(core, app_namespace)
+        time.sleep(2.5)
+    selector = f'{{namespace="{app_namespace}", slmdeployment="{NAME}"}}'
+    joules = wait(lambda: query(url, f"slmpack:energy_per_token:joules{selector}"), 180, "J/token")
+    assert float(joules[0]["value"][1]) > 0
+
+    # Grafana cannot run here (no registry ships it); every dashboard query is checked instead.
+    dashboard = json.loads((ROOT / "deploy/grafana/slmpack-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert wait(lambda e=target["expr"]: query(url, e), 120, f"panel {panel['title']!r}: {target['expr']}")
+
