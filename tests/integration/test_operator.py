@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kubernetes import client, utils
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
 
@@ -24,6 +24,9 @@ def operator(namespace):
     """kopf's arguments for the operator, watching the test's namespace only: tests on a shared
     cluster must not act on each other's deployments."""
     return ["run", "--standalone", "--namespace", namespace, "-m", "slmpack.controller.handlers"]
+# The fake GPU's extended resource. Not nvidia.com/gpu: a device plugin on the shared node (the
+# emulator's) owns that name, and the kubelet resets what others patch into it.
+GPU_RESOURCE = "slmpack.dev/test-gpu"
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
@@ -34,12 +37,18 @@ def cluster(node_kubeconfig, api_client):
     os.environ["KUBECONFIG"] = str(node_kubeconfig)
     # kopf logs in through the client library, which read KUBECONFIG when it was imported.
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
+    extensions = client.ApiextensionsV1Api(api_client)
     for path in sorted((ROOT / "crds").glob("*.yaml")):
+        # This checkout's schema, also where an older one is installed: the tests exercise it.
+        crd = yaml.safe_load(path.read_text())
         try:
-            utils.create_from_yaml(api_client, str(path))
-        except utils.FailToCreateError as error:
-            if any(e.status != 409 for e in error.api_exceptions):
+            extensions.create_custom_resource_definition(crd)
+        except ApiException as error:
+            if error.status != 409:
                 raise
+            current = extensions.read_custom_resource_definition(crd["metadata"]["name"])
+            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+            extensions.replace_custom_resource_definition(crd["metadata"]["name"], crd)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
         rbac.create_cluster_role(PROFILER_ROLE)
@@ -49,8 +58,8 @@ def cluster(node_kubeconfig, api_client):
             raise
         created_role = False  # the chart's, on a cluster where slmpack is installed
     core = client.CoreV1Api(api_client)
-    advertise(core, replicas=4)
-    wait(lambda: core.read_node("localhost").status.allocatable.get("nvidia.com/gpu") == "4", 60,
+    advertise(core, replicas=4, resource=GPU_RESOURCE)
+    wait(lambda: core.read_node("localhost").status.allocatable.get(GPU_RESOURCE) == "4", 60,
          "the fake GPU on the node")
     wait(lambda: all(c.status.conditions and any(x.type == "Established" and x.status == "True"
                                                  for x in c.status.conditions)
@@ -63,7 +72,7 @@ def cluster(node_kubeconfig, api_client):
 
 def deployment(name, **spec):
     body = {"model": {"name": "/models/SmolLM2-135M-Instruct"}, "engine": {"device": "cpu"},
-            "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
+            "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
     body.update(spec)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": name}, "spec": body}
 
@@ -331,7 +340,7 @@ def test_a_plan_change_rolls_the_replicas_while_the_service_keeps_answering(k):
     ready_profile(k, "knee-4", knee=4)
     spec = {"model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
             "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
-            "profiling": {"profileRef": "knee-8"},
+            "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"profileRef": "knee-8"},
             "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
     with KopfRunner(operator(k.ns)) as runner:
         k.create({**deployment("roll"), "spec": spec})
