@@ -39,16 +39,19 @@ def cluster(node_kubeconfig, api_client):
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
     extensions = client.ApiextensionsV1Api(api_client)
     for path in sorted((ROOT / "crds").glob("*.yaml")):
-        # This checkout's schema, also where an older one is installed: the tests exercise it.
         crd = yaml.safe_load(path.read_text())
         try:
             extensions.create_custom_resource_definition(crd)
         except ApiException as error:
             if error.status != 409:
                 raise
-            current = extensions.read_custom_resource_definition(crd["metadata"]["name"])
-            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
-            extensions.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+            # On a shared cluster another checkout may have installed its CRD: keep it where it has
+            # every field this checkout's tests use, replace it otherwise.
+            installed = api_client.sanitize_for_serialization(
+                extensions.read_custom_resource_definition(crd["metadata"]["name"]))
+            if not has_fields(schema_of(installed), schema_of(crd)):
+                crd["metadata"]["resourceVersion"] = installed["metadata"]["resourceVersion"]
+                extensions.replace_custom_resource_definition(crd["metadata"]["name"], crd)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
         rbac.create_cluster_role(PROFILER_ROLE)
@@ -68,6 +71,18 @@ def cluster(node_kubeconfig, api_client):
     yield api_client
     if created_role:
         rbac.delete_cluster_role(PROFILER_ROLE["metadata"]["name"])
+
+
+def schema_of(crd: dict) -> dict:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def has_fields(installed: dict, wanted: dict) -> bool:
+    """Whether the installed schema declares every field of the wanted one."""
+    mine, theirs = wanted.get("properties") or {}, installed.get("properties") or {}
+    if "items" in wanted:
+        return has_fields(installed.get("items") or {}, wanted["items"])
+    return all(name in theirs and has_fields(theirs[name], sub) for name, sub in mine.items())
 
 
 def deployment(name, **spec):
