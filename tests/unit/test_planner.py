@@ -177,3 +177,29 @@ def test_cpu_auto_dtype_resolves_from_the_cpu_flags_and_is_keyed():
     assert profile_conditions(cpu, None, cpu_flags=epyc).dtype == "float32"
     assert profile_conditions(cpu, None, cpu_flags=epyc).key() != profile_conditions(cpu, None,
                                                                                    cpu_flags=sapphire).key()
+
+
+def test_under_plugin_mps_unused_slots_are_explained():
+    two_of_four = profile(replication=((1, 9000, 30), (2, 12000, 40)))
+    result = plan(spec(), two_of_four, H100_MIB, sharing_slots=4)
+    assert result.replicas == 2
+    assert "2 of the GPU's 4 MPS slots used" in result.explanation
+    assert "MPS slots" not in plan(spec(sharing="time-slicing"), two_of_four, H100_MIB, 4).explanation
+
+
+def test_cpu_replicas_run_the_threads_the_profile_measured_for_their_count():
+    from slmpack.core.manifests import Owner, build_statefulset
+
+    measured = profile(replication=((1, 300, 30), (2, 480, 40)))
+    for point in measured.replication:
+        point.cpu_threads_per_replica = 2 // point.replicas
+    cpu = spec(engine={"device": "cpu"})
+    decided = plan(cpu, measured)
+    assert (decided.replicas, decided.cpu_threads_per_replica) == (2, 1)
+    owner = Owner(kind="SLMDeployment", name="smol", uid="u", namespace="ns")
+    env = {e["name"]: e["value"] for e in
+           build_statefulset(owner, cpu, decided, None)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # Unbound threads, one per replica: vLLM's own binding would put both replicas on core 0.
+    assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["OMP_NUM_THREADS"]) == ("nobind", "1")
+    args = build_statefulset(owner, cpu, decided, None)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--dtype") + 1] == "float32"  # auto resolved, never passed on to vLLM as auto

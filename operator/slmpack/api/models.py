@@ -276,6 +276,8 @@ class Plan(Model):
                               "for the hardware), or the spec's.")
     gpu_memory_utilization: float | None = Field(None, description="vLLM --gpu-memory-utilization per replica.")
     memory_per_replica_mib: int | None = Field(None, description="The per-replica GPU (or CPU KV) memory budget.")
+    cpu_threads_per_replica: int | None = Field(None, description="With device cpu: OpenMP threads per replica, "
+                                                "unbound, as the profile measured them.")
     mps_active_thread_percentage: int | None = Field(None, description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE.")
     mps_pinned_memory_limit_mib: int | None = Field(None, description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica.")
     predicted_throughput_tokens_per_s: float | None = Field(None, description="Predicted aggregate output tokens/s.")
@@ -410,6 +412,8 @@ class ReplicationPoint(Model):
     energy_per_token_joules: float | None = Field(None, description="J per output token of the measured requests "
                                                   "(warm-up excluded); null when not measured.")
     idle_power_watts: float | None = Field(None, description="GPU power with the replicas idle.")
+    cpu_threads_per_replica: int | None = Field(None, description="With device cpu: the OpenMP threads each "
+                                                "replica ran with (unbound), as the deployment runs them.")
     error: str | None = Field(None, description="Why the point failed, when it did.")
 
 

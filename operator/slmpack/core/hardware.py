@@ -1,4 +1,5 @@
-"""Engine settings that follow from the hardware (pure): the dtype for `auto`, and the MPS caps per replica."""
+"""Engine settings that follow from the hardware (pure): the dtype for `auto`, the MPS caps per replica, and
+the CPU threads per replica."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def mps_caps(replicas: int, gpu_memory_mib: int | None, budget_fraction: float =
     threads = math.ceil(100 / replicas)
     memory = int(gpu_memory_mib * math.floor(budget_fraction / replicas * 1000) / 1000) if gpu_memory_mib else None
     return threads, memory
+
+
+def cpu_threads_per_replica(replicas: int, cores: int) -> int:
+    return max(1, cores // replicas)
+
+
+def cpu_threads_env(threads: int | None) -> dict[str, str]:
+    """vLLM CPU with `threads` OpenMP threads left to the kernel's scheduler.
+
+    vLLM's default binding (`auto`) pins every engine to the same first cores of the CPUs
+    it may use, so co-located replicas of a StatefulSet, which cannot tell each other
+    apart, would all compute on core 0. Unbound threads, cores/N per replica, spread
+    instead. The profiler runs its k replicas the same way, so it measures what is deployed.
+    """
+    if threads is None:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}

@@ -23,7 +23,7 @@ from slmpack.api.models import (
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
-from slmpack.core.hardware import resolve_dtype
+from slmpack.core.hardware import cpu_threads_env, resolve_dtype
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
@@ -183,7 +183,8 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: s
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec) + mps_env(plan),
+        "env": base_env(spec) + mps_env(plan) + [{"name": k, "value": v} for k, v in
+                                                  cpu_threads_env(plan.cpu_threads_per_replica).items()],
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from slmpack.api.models import Device, Plan, Sharing, SLMDeploymentSpec, SLMProfileStatus
+from slmpack.api.models import Device, Placement, Plan, Sharing, SLMDeploymentSpec, SLMProfileStatus
 from slmpack.core.hardware import resolve_dtype
 from slmpack.core.memory import GPU_BUDGET_FRACTION, feasible_replicas
 from slmpack.core.replication import choose
@@ -60,6 +60,11 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
             replicas = sharing_slots
             reasons.append(f"capped at {replicas} by the GPU's {sharing_slots} sharing slots")
 
+    if (spec.engine.device == Device.gpu and spec.sharing == Sharing.mps and spec.placement == Placement.device_plugin
+            and sharing_slots and replicas < sharing_slots):
+        # The plugin's MPS caps every client at 1/R whatever N is; the profile measured the same caps.
+        reasons.append(f"{replicas} of the GPU's {sharing_slots} MPS slots used: the device plugin caps each replica "
+                       f"at 1/{sharing_slots} of the SMs and memory, so the unused slots stay free for other pods")
     measured_batch = choice.max_num_seqs if choice and choice.measured and choice.measured.replicas == replicas \
         else None
     max_num_seqs = measured_batch or knee or VLLM_DEFAULT_MAX_NUM_SEQS
@@ -94,6 +99,7 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
         replicas=replicas,
         max_num_seqs=max_num_seqs,
         dtype=profile.dtype if profile and profile.dtype else resolve_dtype(spec.model.dtype, spec.engine.device),
+        cpu_threads_per_replica=chosen.cpu_threads_per_replica if chosen is not None and not gpu else None,
         gpu_memory_utilization=utilization,
         memory_per_replica_mib=memory_per_replica,
         mps_active_thread_percentage=math.ceil(100 / replicas) if mps else None,

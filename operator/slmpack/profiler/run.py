@@ -46,7 +46,13 @@ from slmpack.api.models import (
     SweepInfo,
 )
 from slmpack.core import profile_status
-from slmpack.core.hardware import cpu_flags_from_cpuinfo, mps_caps, resolve_dtype
+from slmpack.core.hardware import (
+    cpu_flags_from_cpuinfo,
+    cpu_threads_env,
+    cpu_threads_per_replica,
+    mps_caps,
+    resolve_dtype,
+)
 from slmpack.core.knee import KneeParams, NoKneeError, find_knee
 from slmpack.core.memory import feasible_replicas, footprint_from_hf_config, kv_cache_mib
 from slmpack.core.replication import decide_replicas
@@ -250,7 +256,8 @@ def sharing_env(engine: VllmEngine, settings: ProfileSettings, replicas: int,
                 daemon: MpsDaemon | None) -> tuple[dict[str, str], str]:
     """The environment that puts `replicas` co-located engines in the deployment's sharing regime, and its name."""
     if engine.device == "cpu":
-        return {}, "cpu: co-located processes, threads unpinned as in the deployment"
+        threads = cpu_threads_per_replica(replicas, len(os.sched_getaffinity(0)))
+        return cpu_threads_env(threads), f"cpu: co-located processes, {threads} unbound thread(s) each, as deployed"
     if settings.sharing != "mps":
         return {}, "time-slicing: co-located processes without MPS"
     if daemon is None:
@@ -299,8 +306,11 @@ def replicate(engine: VllmEngine, status: SLMProfileStatus, settings: ProfileSet
     offered = kmax * status.knee.batch_size
     # Runs of an earlier attempt count only if they faced the same load.
     kept = {p.replicas: p for p in status.replication if p.offered_concurrency == offered}
-    status.replication = [kept.get(k) or ReplicationPoint(replicas=k, batch_size_per_replica=math.ceil(offered / k),
-                                                          offered_concurrency=offered) for k in range(1, kmax + 1)]
+    cores = len(os.sched_getaffinity(0))
+    status.replication = [kept.get(k) or ReplicationPoint(
+        replicas=k, batch_size_per_replica=math.ceil(offered / k), offered_concurrency=offered,
+        cpu_threads_per_replica=cpu_threads_per_replica(k, cores) if engine.device == "cpu" else None)
+        for k in range(1, kmax + 1)]
     for k in range(1, kmax + 1):
         point = status.replication[k - 1]
         if point.error or precise_enough(point.runs_tokens_per_s, settings.repeats):
