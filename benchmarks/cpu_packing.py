@@ -7,9 +7,9 @@ concurrency, as the Service would spread it; their throughputs add up.
 
 Steps, each writing its raw output under --out:
   1. `slmpack profile` (adaptive) on the model: knee, runs, plan input, wall time, probes.
-  2. `vllm bench serve` at every batch of the full grid on one engine: the curve on which
-     BCA's knee is taken with vLLM's own numbers.
-  3. The three set-ups, three repeats each.
+  2. The three set-ups, three repeats each; on the best single replica's server also
+     `vllm bench serve` at every batch of the grid up to its batch: the curve on which BCA's
+     knee is taken with vLLM's own numbers.
 Then `cpu_packing.json` and a table for the README.
 
     PYTHONPATH=operator python benchmarks/cpu_packing.py --model ~/.cache/slmpack/models/SmolLM2-135M-Instruct
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=128)
     parser.add_argument("--max-replicas", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", default="profile,curve,setups")
+    parser.add_argument("--steps", default="profile,setups,curve")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     steps = set(args.steps.split(","))
@@ -141,20 +141,6 @@ def main() -> int:
     engine = VllmEngine(args.model, "cpu", 1024, decided.dtype or "float32", log_dir=args.out / "logs")
     engine.log_dir.mkdir(parents=True, exist_ok=True)
 
-    if "curve" in steps:
-        record["load_average_curve"] = load_average()
-        began = time.monotonic()
-        server = engine.start(18400, grid[-1], name="curve")
-        try:
-            for b in grid:
-                bench(server.endpoint, args.model, b, max(8, 3 * b), args.out / "curve" / f"b{b}.json")
-        finally:
-            stop(server)
-        record["curve_wall_s"] = round(time.monotonic() - began, 1)
-        points = load_points([str(f) for f in sorted((args.out / "curve").glob("b*[0-9].json"))])
-        record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
-        save()
-
     if "setups" in steps:
         record["load_average_setups"] = load_average()
         prompts = 4 * offered
@@ -166,10 +152,19 @@ def main() -> int:
         }
         record.setdefault("setups", {})
         for name, (start, replicas, batch) in setups.items():
+            if name in record["setups"]:
+                continue  # measured by an earlier, interrupted run
             servers, start_s = timed(start)
             try:
                 runs = [bench_all([s.endpoint for s in servers], args.model, offered, prompts,
                                   args.out / "setups" / f"{name}-run{r}.json") for r in range(args.repeats)]
+                if name == "best_single" and "curve" in steps:
+                    # vLLM's own curve on the same server, for BCA's knee by vLLM's numbers.
+                    record["load_average_curve"] = load_average()
+                    for b in (b for b in grid if b <= best_batch):
+                        bench(servers[0].endpoint, args.model, b, max(8, 3 * b), args.out / "curve" / f"b{b}.json")
+                    points = load_points([str(f) for f in (args.out / "curve").glob("b*[0-9].json")])
+                    record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
             finally:
                 for server in servers:
                     stop(server)

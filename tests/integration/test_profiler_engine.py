@@ -63,6 +63,8 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     # Both replica counts faced the same load, each run at least three times.
     replication = report["replication"]
     assert [r["replicas"] for r in replication] == [1, 2]
+    # One replica was measured on the sweep's warm engine: one start for it, two for the pair.
+    assert len(report["sweep"]["engineStartSeconds"]) == 3
     assert len({r["offeredConcurrency"] for r in replication}) == 1
     assert all(len(r["runsTokensPerS"]) >= 3 and r["throughputSpread"]["ciLow"] <= r["aggregateThroughputTokensPerS"]
                for r in replication)

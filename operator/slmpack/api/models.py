@@ -453,6 +453,8 @@ class SweepInfo(Model):
     mode: Literal["adaptive", "full"] = Field("adaptive", description="adaptive (grow then bisect) or full.")
     probes: int = Field(0, description="Batch sizes measured.")
     duration_s: float | None = Field(None, description="Wall time of the whole profile.")
+    engine_start_seconds: list[float] = Field(default_factory=list,
+                                              description="How long each engine start took, in order.")
 
 
 class SLMProfileSpec(Model):

@@ -212,6 +212,7 @@ class Tracker:
         began = time.monotonic()
         servers = start()
         self.start_seconds = time.monotonic() - began
+        self.status.sweep.engine_start_seconds.append(round(self.start_seconds, 1))
         return servers
 
 
@@ -408,10 +409,14 @@ def profile(engine: VllmEngine | None, settings: ProfileSettings, report: Report
                                                       settings.knee) is None
         sweep_done = sweep_done or (not settings.adaptive and {p.batch_size for p in status.points} >= set(
             settings.grid))
+        # Room for the replication's offered load too (at most kmax x the largest batch), so that one
+        # replica is measured on this warm engine instead of a new one: the running batch is the
+        # client concurrency either way.
+        sweep_seqs = settings.grid[-1] * settings.max_replicas
         if engine is not None and not settings.restart_per_batch and not sweep_done:
-            tracker.step(ProfilingPhase.starting_engine, f"starting the engine with --max-num-seqs {settings.grid[-1]}"
+            tracker.step(ProfilingPhase.starting_engine, f"starting the engine with --max-num-seqs {sweep_seqs}"
                                                          f" and dtype {engine.dtype}")
-            running = tracker.timed_start(lambda: [engine.start(settings.port_base, settings.grid[-1],
+            running = tracker.timed_start(lambda: [engine.start(settings.port_base, sweep_seqs,
                                                                 extra_env=sweep_env)])
         points = sweep(engine, running, settings, meter, tracker, sweep_env)
         status.points = [points[b] for b in sorted(points)]
@@ -422,8 +427,7 @@ def profile(engine: VllmEngine | None, settings: ProfileSettings, report: Report
         status.knee.memory_free_mib = free_memory_at_knee(status, settings, engine)
         if engine is not None:
             warm = running[0] if running else None
-            warm_seqs = settings.grid[-1] if not settings.restart_per_batch else (status.points[-1].batch_size
-                                                                                 if status.points else 0)
+            warm_seqs = sweep_seqs if not settings.restart_per_batch else 0
             running = []
             replicate(engine, status, settings, meter, tracker, warm, warm_seqs, daemon)
         decide(status, settings)
