@@ -113,7 +113,15 @@ def main() -> int:
     record.setdefault("machine", machine())
 
     def save():
+        """The raw record, and the summary of what is measured so far (an interrupted run keeps both)."""
         (args.out / "raw.json").write_text(json.dumps(record, indent=1))
+        summary = {"setups": {k: {f: v[f] for f in ("output_tok_s", "p99_itl_ms", "replicas", "max_num_seqs")}
+                              for k, v in record.get("setups", {}).items()},
+                   "knee": {"slmpack": record.get("knee_slmpack"),
+                            "bca_on_vllm_bench": record.get("knee_bca_on_vllm_bench")},
+                   "probes": {"adaptive": record.get("probes_adaptive"), "full": record.get("probes_full")}}
+        (HERE / "cpu_packing.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
 
     if "profile" in steps:
         record["load_average_profile"] = load_average()
@@ -145,6 +153,7 @@ def main() -> int:
         record["load_average_setups"] = load_average()
         prompts = 4 * offered
         setups = {
+            # vLLM CPU's own default --max-num-seqs for the API server is 128 (engine/arg_utils.py).
             "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log")], 1, None),
             "best_single": (lambda: [engine.start(18420, best_batch, name="best")], 1, best_batch),
             "slmpack_plan": (lambda: engine.start_replicas(decided.replicas, 18430, decided.max_num_seqs),
@@ -170,15 +179,9 @@ def main() -> int:
                     stop(server)
             record["setups"][name] = {"output_tok_s": [r["output_tok_s"] for r in runs],
                                       "p99_itl_ms": [r["p99_itl_ms"] for r in runs], "replicas": replicas,
-                                      "max_num_seqs": batch or 256, "start_s": start_s}
+                                      "max_num_seqs": batch or 128, "start_s": start_s}
             save()
-    summary = {"setups": {k: {f: v[f] for f in ("output_tok_s", "p99_itl_ms", "replicas", "max_num_seqs")}
-                          for k, v in record.get("setups", {}).items()},
-               "knee": {"slmpack": record.get("knee_slmpack"),
-                        "bca_on_vllm_bench": record.get("knee_bca_on_vllm_bench")},
-               "probes": {"adaptive": record.get("probes_adaptive"), "full": record.get("probes_full")}}
-    (HERE / "cpu_packing.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(save(), indent=1))
     return 0
 
 

@@ -287,7 +287,10 @@ def with_run(point: ReplicationPoint, run: ProfilePoint, confidence_percent: int
     def worst(a, b):
         return max(v for v in (a, b) if v is not None) if a is not None or b is not None else None
 
-    energy = [e for e in (point.energy_per_token_joules, run.energy_per_token_joules) if e is not None]
+    # The mean over the runs that measured energy (the earlier ones are folded into the stored mean).
+    measured_before = len(point.runs_tokens_per_s) if point.energy_per_token_joules is not None else 0
+    energy = [point.energy_per_token_joules] * measured_before + (
+        [run.energy_per_token_joules] if run.energy_per_token_joules is not None else [])
     return point.model_copy(update={
         "runs_tokens_per_s": runs, "throughput_spread": spread(found),
         "aggregate_throughput_tokens_per_s": round(found.mean, 2),
