@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from slmpack.api.models import SLMDeploymentSpec, SLMProfileStatus
+from slmpack.core.hardware import cpu_threads_env, cpu_threads_per_replica
 from slmpack.core.knee import find_knee
 from slmpack.core.planner import plan
 from slmpack.core.sweep import batch_grid
@@ -104,7 +105,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "cpu_packing")
     parser.add_argument("--max-batch", type=int, default=128)
     parser.add_argument("--max-replicas", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per set-up, and per replica count in the profile")
+    parser.add_argument("--precision-percent", type=int, default=10, help="the profile's stopping precision")
+    parser.add_argument("--prompts-per-client", type=int, default=2, help="requests per concurrent client per run")
     parser.add_argument("--steps", default="profile,setups,curve")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +133,8 @@ def main() -> int:
                         "--model", args.model, "--max-model-len", "1024", "--min-batch", "1",
                         "--max-batch", str(args.max_batch), "--input-tokens", str(INPUT),
                         "--output-tokens", str(OUTPUT), "--max-replicas", str(args.max_replicas),
-                        "--out", str(args.out / "profile")],
+                        "--precision-percent", str(args.precision_percent), "--min-repeats", str(args.repeats),
+                        "--max-repeats", str(args.repeats), "--out", str(args.out / "profile")],
                        stdout=(args.out / "profile.log").open("w"), stderr=subprocess.STDOUT, check=False)
         record["profile_wall_s"] = round(time.monotonic() - began, 1)
         save()
@@ -151,13 +155,19 @@ def main() -> int:
 
     if "setups" in steps:
         record["load_average_setups"] = load_average()
-        prompts = 4 * offered
+        prompts = args.prompts_per_client * offered
+        # Each as it would be deployed: the plan's replicas with its dtype and threads, the best single
+        # replica with all cores' threads, plain vLLM with nothing of ours. The plan goes first: its
+        # engines reuse the compilation cache of the profile's runs of the same count.
+        one_replica = cpu_threads_env(cpu_threads_per_replica(1, len(os.sched_getaffinity(0))))
         setups = {
-            # vLLM CPU's own default --max-num-seqs for the API server is 128 (engine/arg_utils.py).
-            "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log")], 1, None),
-            "best_single": (lambda: [engine.start(18420, best_batch, name="best")], 1, best_batch),
-            "slmpack_plan": (lambda: engine.start_replicas(decided.replicas, 18430, decided.max_num_seqs),
+            "slmpack_plan": (lambda: engine.start_replicas(decided.replicas, 18430, decided.max_num_seqs,
+                                                           cpu_threads_env(decided.cpu_threads_per_replica)),
                              decided.replicas, decided.max_num_seqs),
+            # vLLM CPU's default --max-num-seqs for its API server is 128 (vllm/engine/arg_utils.py).
+            "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log")], 1, None),
+            "best_single": (lambda: [engine.start(18420, best_batch, extra_env=one_replica, name="best")], 1,
+                            best_batch),
         }
         record.setdefault("setups", {})
         for name, (start, replicas, batch) in setups.items():
@@ -171,7 +181,8 @@ def main() -> int:
                     # vLLM's own curve on the same server, for BCA's knee by vLLM's numbers.
                     record["load_average_curve"] = load_average()
                     for b in (b for b in grid if b <= best_batch):
-                        bench(servers[0].endpoint, args.model, b, max(8, 3 * b), args.out / "curve" / f"b{b}.json")
+                        bench(servers[0].endpoint, args.model, b, max(8, args.prompts_per_client * b),
+                              args.out / "curve" / f"b{b}.json")
                     points = load_points([str(f) for f in (args.out / "curve").glob("b*[0-9].json")])
                     record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
             finally:
