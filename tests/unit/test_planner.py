@@ -203,3 +203,26 @@ def test_cpu_replicas_run_the_threads_the_profile_measured_for_their_count():
     assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["OMP_NUM_THREADS"]) == ("nobind", "1")
     args = build_statefulset(owner, cpu, decided, None)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--dtype") + 1] == "float32"  # auto resolved, never passed on to vLLM as auto
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+def test_the_profilers_own_mps_daemon_gives_each_replica_the_caps_the_plan_deploys(replicas, tmp_path):
+    from pathlib import Path
+
+    from slmpack.profiler.engines import MpsDaemon, VllmEngine
+    from slmpack.profiler.loadgen import Workload
+    from slmpack.profiler.run import ProfileSettings, sharing_env
+
+    settings = ProfileSettings(grid=[1, 64], adaptive=True, workload=Workload(128, 128), gpu_memory_mib=H100_MIB,
+                               sharing="mps")
+    engine = VllmEngine("facebook/opt-1.3b", device="gpu", log_dir=tmp_path)
+    env, regime = sharing_env(engine, settings, replicas, MpsDaemon(Path("/run/mps"), Path("/run/mps-log")))
+    deployed = plan(spec(replicas=replicas), profile(), H100_MIB)
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == str(deployed.mps_active_thread_percentage)
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={deployed.mps_pinned_memory_limit_mib}M"
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/run/mps" and "profiler's MPS daemon" in regime
+    # Under the device plugin's MPS the pod is already a client with 1/R caps: no second daemon, no caps of ours.
+    env, regime = sharing_env(engine, settings, replicas, None)
+    assert env == {} and "device plugin's MPS daemon" in regime
+    settings.sharing = "time-slicing"
+    assert sharing_env(engine, settings, replicas, None) == ({}, "time-slicing: co-located processes without MPS")
