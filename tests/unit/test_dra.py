@@ -34,7 +34,7 @@ from slmpack.core.manifests import Owner, build_statefulset
 
 ROOT = Path(__file__).resolve().parents[2]
 SLICES = ROOT / "tests" / "data" / "dra"
-PROFILE_FILE = ROOT / "tests" / "data" / "profiles" / "smollm2-360m-h100.yaml"
+PROFILE_FILE = ROOT / "tests" / "data" / "profiles" / "smollm2-360m-h100-dra.yaml"
 EXAMPLE = ROOT / "examples" / "slmdeployment-dra.yaml"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 ALL_VERSIONS = ("resource.k8s.io/v1", "resource.k8s.io/v1beta2", "resource.k8s.io/v1beta1")
