@@ -151,7 +151,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     log.debug("reconciled %s in %.3fs", body["metadata"]["name"], time.monotonic() - started)
     if decision.retry_after_seconds:
         # The status says why; try again later, when a matching node may have joined.
-        raise kopf.TemporaryError("no matching GPU node yet", delay=decision.retry_after_seconds)
+        raise kopf.TemporaryError("waiting for the cluster (see the conditions)", delay=decision.retry_after_seconds)
 
 
 @kopf.on.create(API_GROUP, API_VERSION, "slmdeployments")
