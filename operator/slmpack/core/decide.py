@@ -317,6 +317,10 @@ class _Decider:
                 self.decision.delete.append(unused)
                 self.decision.events.append(Event("ResourceClaimReleased", f"ResourceClaim {unused['metadata']['name']}"
                                                   " of an earlier plan: no replica uses it, so it is deleted"))
+            earlier = [c for c in self.cluster.resource_claims if c["metadata"]["name"] != claim["metadata"]["name"]]
+            if len(earlier) > len(self.decision.delete):
+                # An earlier claim is still held while the pods roll over: look again, as no event may follow.
+                self.decision.retry_after_seconds = NODE_RETRY_SECONDS
         else:
             objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node)]
         self.decision.apply += objects
