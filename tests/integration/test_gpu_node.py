@@ -5,7 +5,6 @@ plugin's real Allocate, so each test shows a user-visible outcome: Running with 
 these mounts, or Failed with UnexpectedAdmissionError.
 """
 
-import time
 
 import pytest
 from kubernetes import client
@@ -13,6 +12,7 @@ from kubernetes import client
 from slmpack import GPU_UUIDS_ANNOTATION
 from slmpack.exporter.gpu_annotations import GpuAnnotator, annotation_patches, gpu_uuids, pod_resources_lister
 from slmpack.exporter.pods import DEPLOYMENT_LABEL
+from tests.fixtures.cluster import wait
 
 pytestmark = pytest.mark.node
 
@@ -30,15 +30,6 @@ def gpu_pod(name: str, image: str, slots: int = 1, labels: dict | None = None) -
                                      "resources": {"limits": {"nvidia.com/gpu": str(slots)}}}]}}
 
 
-def wait(predicate, seconds=90, what="condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-
-
 def run(core: client.CoreV1Api, namespace: str, pod: dict) -> dict[str, str]:
     """Create the pod, wait until it reports, return what it printed (key=value lines)."""
     name = pod["metadata"]["name"]
@@ -52,7 +43,7 @@ def run(core: client.CoreV1Api, namespace: str, pod: dict) -> dict[str, str]:
         text = core.read_namespaced_pod_log(name, namespace)
         return text if "limits=" in text else None
 
-    text = wait(report, what=f"pod {name} to run and report")
+    text = wait(report, 90, f"pod {name} to run and report")
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
@@ -84,7 +75,7 @@ def test_mps_refuses_a_pod_asking_for_two_slots(gpu_node, busybox_image, core, n
     gpu_node(gpus=1, sharing="mps", replicas=4)
     core.create_namespaced_pod(namespace, gpu_pod("profiler", busybox_image, slots=2))
     status = wait(lambda: (s := core.read_namespaced_pod("profiler", namespace).status).phase == "Failed" and s,
-                  what="the kubelet to refuse the pod")
+                  90, "the kubelet to refuse the pod")
     assert status.reason == "UnexpectedAdmissionError"
     assert "maximum request size for shared resources is 1; found 2" in status.message
 
