@@ -6,6 +6,11 @@ these mounts, or Failed with UnexpectedAdmissionError.
 """
 
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 from kubernetes import client
 
@@ -120,3 +125,26 @@ def test_engine_pods_are_annotated_with_the_gpus_the_kubelet_gave_them(gpu_node,
         assert core.read_namespaced_pod(name, namespace).metadata.annotations[GPU_UUIDS_ANNOTATION] == uuid
     assert not (core.read_namespaced_pod("not-an-engine", namespace).metadata.annotations or {})
     assert annotator.sync() == 0 and annotation_patches(gpu_uuids(pod_resources()), engine_pods()) == []
+
+
+def test_the_exporter_process_annotates_engine_pods(gpu_node, busybox_image, core, namespace, emulated_plugin,
+                                                    node_kubeconfig, tmp_path):
+    gpu_node(gpus=2, sharing="time-slicing", replicas=2)
+    visible = run(core, namespace, gpu_pod("chat-0", busybox_image, labels={DEPLOYMENT_LABEL: "chat"}))["visible"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "slmpack.cli", "exporter", "--address", "127.0.0.1", "--port", str(port),
+             "--fake-devices", "1:1", "--node-name", "localhost", "--annotate-interval-seconds", "1",
+             "--pod-resources-socket", str(emulated_plugin.kubelet_root / "pod-resources" / "kubelet.sock")],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
+    try:
+        annotated = wait(lambda: (core.read_namespaced_pod("chat-0", namespace).metadata.annotations or {}).get(
+            GPU_UUIDS_ANNOTATION), 60, "the exporter to annotate the engine pod")
+    finally:
+        exporter.terminate()
+        exporter.wait(10)
+    assert annotated == visible, log.read_text()[-2000:]
