@@ -5,7 +5,6 @@ plugin's real Allocate, so each test shows a user-visible outcome: Running with 
 these mounts, or Failed with UnexpectedAdmissionError.
 """
 
-
 import os
 import socket
 import subprocess
