@@ -208,6 +208,8 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
 def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_token(
         node_kubeconfig, namespace, app_namespace, api_client, releases):
     core = client.CoreV1Api(api_client)
+    for tag in SERVING_IMAGES:  # before the install, which waits for Prometheus to be ready
+        local_image(tag)
     release = f"r{uuid.uuid4().hex[:6]}"
     run(node_kubeconfig, HELM, "install", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
         *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
