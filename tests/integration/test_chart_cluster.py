@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.fixtures.cluster import local_image
+from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
 
@@ -156,8 +157,9 @@ def query(url: str, expr: str) -> list[dict]:
 def serve(api_client, app_namespace: str) -> client.V1Pod:
     """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod."""
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
-    if not core.read_node("localhost").status.allocatable.get("nvidia.com/gpu"):
-        from tests.fixtures.fake_gpu import advertise
+    node = core.read_node("localhost")
+    if int(node.status.allocatable.get("nvidia.com/gpu") or 0) == 0 or \
+            "nvidia.com/gpu.sharing-strategy" not in (node.metadata.labels or {}):
         advertise(core, replicas=4)
     for tag in SERVING_IMAGES:
         local_image(tag)
