@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.fixtures.cluster import local_image
+from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
 
@@ -156,8 +157,9 @@ def query(url: str, expr: str) -> list[dict]:
 def serve(api_client, app_namespace: str) -> client.V1Pod:
     """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod."""
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
-    if not core.read_node("localhost").status.allocatable.get("nvidia.com/gpu"):
-        from tests.fixtures.fake_gpu import advertise
+    node = core.read_node("localhost")
+    if int(node.status.allocatable.get("nvidia.com/gpu") or 0) == 0 or \
+            "nvidia.com/gpu.sharing-strategy" not in (node.metadata.labels or {}):
         advertise(core, replicas=4)
     for tag in SERVING_IMAGES:
         local_image(tag)
@@ -208,6 +210,8 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
 def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_token(
         node_kubeconfig, namespace, app_namespace, api_client, releases):
     core = client.CoreV1Api(api_client)
+    for tag in SERVING_IMAGES:  # before the install, which waits for Prometheus to be ready
+        local_image(tag)
     release = f"r{uuid.uuid4().hex[:6]}"
     run(node_kubeconfig, HELM, "install", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
         *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
