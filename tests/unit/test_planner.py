@@ -233,3 +233,11 @@ def test_cpu_threads_leave_vllm_one_core_and_share_the_rest():
 
     assert [cpu_threads_per_replica(k, 2) for k in (1, 2, 3)] == [1, 1, 1]
     assert [cpu_threads_per_replica(k, 16) for k in (1, 2, 4)] == [15, 7, 3]
+
+
+def test_more_minimum_than_maximum_repeats_is_refused_naming_both_fields():
+    from slmpack.core.validation import spec_problems
+
+    problems = spec_problems(spec(profiling={"minRepeats": 6, "maxRepeats": 5}))
+    assert problems == ["spec.profiling.minRepeats (6) is larger than maxRepeats (5): lower minRepeats or raise "
+                        "maxRepeats"]
