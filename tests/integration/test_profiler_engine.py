@@ -101,10 +101,25 @@ def profile_crd(api_client):
     return client.CustomObjectsApi(api_client)
 
 
+@pytest.fixture(scope="module")
+def eager_cpu_server(smollm2_model_dir):
+    """A vLLM CPU server that skips compilation (--enforce-eager): it starts in about a minute, and the
+    test below is about the profiler, not the engine's speed."""
+    from slmpack.profiler.engines import VllmEngine, stop
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    running = VllmEngine(str(smollm2_model_dir), device="cpu", max_model_len=512, dtype="float32",
+                         extra_args=["--enforce-eager"]).start(port, 8, name="eager")
+    yield running.endpoint
+    stop(running)
+
+
 @pytest.mark.cluster
-def test_a_profiler_killed_mid_sweep_resumes_without_measuring_again(vllm_cpu_server, profile_crd, namespace,
+def test_a_profiler_killed_mid_sweep_resumes_without_measuring_again(eager_cpu_server, profile_crd, namespace,
                                                                      kubeconfig, tmp_path):
-    custom, name = profile_crd, "smollm2-resume"
+    vllm_cpu_server, custom, name = eager_cpu_server, profile_crd, "smollm2-resume"
     custom.create_namespaced_custom_object("slmpack.dev", "v1alpha1", namespace, "slmprofiles", {
         "apiVersion": "slmpack.dev/v1alpha1", "kind": "SLMProfile", "metadata": {"name": name},
         "spec": {"conditions": {"model": vllm_cpu_server.model, "device": "cpu"}}})

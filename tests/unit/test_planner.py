@@ -267,3 +267,18 @@ def test_the_profilers_own_mps_daemon_gives_each_replica_the_caps_the_plan_deplo
     assert env == {} and "device plugin's MPS daemon" in regime
     settings.sharing = "time-slicing"
     assert sharing_env(engine, settings, replicas, None) == ({}, "time-slicing: co-located processes without MPS")
+
+
+def test_cpu_threads_leave_vllm_one_core_and_share_the_rest():
+    from slmpack.core.hardware import cpu_threads_per_replica
+
+    assert [cpu_threads_per_replica(k, 2) for k in (1, 2, 3)] == [1, 1, 1]
+    assert [cpu_threads_per_replica(k, 16) for k in (1, 2, 4)] == [15, 7, 3]
+
+
+def test_more_minimum_than_maximum_repeats_is_refused_naming_both_fields():
+    from slmpack.core.validation import spec_problems
+
+    problems = spec_problems(spec(profiling={"minRepeats": 6, "maxRepeats": 5}))
+    assert problems == ["spec.profiling.minRepeats (6) is larger than maxRepeats (5): lower minRepeats or raise "
+                        "maxRepeats"]

@@ -41,7 +41,9 @@ def mps_caps(replicas: int, gpu_memory_mib: int | None, budget_fraction: float =
 
 
 def cpu_threads_per_replica(replicas: int, cores: int) -> int:
-    return max(1, cores // replicas)
+    """The cores less one, which vLLM keeps for its API server and scheduler, shared out; at least one.
+    More OpenMP threads than free cores make the threads spin against each other."""
+    return max(1, (cores - 1) // replicas)
 
 
 def cpu_threads_env(threads: int | None) -> dict[str, str]:
@@ -49,7 +51,7 @@ def cpu_threads_env(threads: int | None) -> dict[str, str]:
 
     vLLM's default binding (`auto`) pins every engine to the same first cores of the CPUs
     it may use, so co-located replicas of a StatefulSet, which cannot tell each other
-    apart, would all compute on core 0. Unbound threads, cores/N per replica, spread
+    apart, would all compute on core 0. Unbound threads, (cores - 1)/N per replica, spread
     instead. The profiler runs its k replicas the same way, so it measures what is deployed.
     """
     if threads is None:

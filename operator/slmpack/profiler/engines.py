@@ -27,10 +27,18 @@ from pathlib import Path
 
 import httpx
 
+from slmpack.core.hardware import cpu_flags_from_cpuinfo, resolve_dtype
 from slmpack.profiler.loadgen import Endpoint
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900
+
+
+def local_cpu_flags() -> set[str]:
+    try:
+        return cpu_flags_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return set()
 
 
 class EngineError(RuntimeError):
@@ -117,6 +125,8 @@ class VllmEngine:
         self.check_installed()
         if not port_free(port):
             raise EngineError(f"port {port} is in use: choose another --port-base")
+        # dtype auto on CPU follows this machine's flags, as the profile and the replicas do.
+        self.dtype = resolve_dtype(self.dtype, self.device, local_cpu_flags())
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
                 "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,

@@ -47,7 +47,6 @@ from slmpack.api.models import (
 )
 from slmpack.core import profile_status
 from slmpack.core.hardware import (
-    cpu_flags_from_cpuinfo,
     cpu_threads_env,
     cpu_threads_per_replica,
     mps_caps,
@@ -60,7 +59,7 @@ from slmpack.core.stats import Precision, estimate, precise_enough
 from slmpack.core.summary import summarize, window_throughputs
 from slmpack.core.sweep import next_probe
 from slmpack.profiler.energy import NvmlEnergyMeter
-from slmpack.profiler.engines import EngineError, MpsDaemon, RunningEngine, VllmEngine, stop
+from slmpack.profiler.engines import EngineError, MpsDaemon, RunningEngine, VllmEngine, local_cpu_flags, stop
 from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, scrape_engine_metrics
 
 log = logging.getLogger(__name__)
@@ -373,13 +372,6 @@ def model_footprint(model: str, dtype: str):
         parameters += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
     return footprint_from_hf_config(config, parameters, dtype if dtype in ("float16", "bfloat16", "float32")
                                     else "auto")
-
-
-def local_cpu_flags() -> set[str]:
-    try:
-        return cpu_flags_from_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return set()
 
 
 def profile(engine: VllmEngine | None, settings: ProfileSettings, report: Report = lambda status: None,
