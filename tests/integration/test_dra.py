@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
 
 from slmpack.adapters.kube import Kube
-from tests.integration.test_operator import OPERATOR, ROOT, Cluster, deployment, wait
+from tests.integration.test_operator import ROOT, Cluster, deployment, operator, wait
 
 pytestmark = [pytest.mark.cluster]
 
@@ -56,7 +56,7 @@ def k(kubeconfig, api_client, namespace):
 
 
 def test_a_dra_deployment_on_a_cluster_without_dra_says_so_and_creates_nothing(k):
-    with KopfRunner(OPERATOR) as runner:
+    with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("dra", placement="dra", engine={"device": "gpu"}))
         placed = wait(lambda: next((c for c in k.status("dra").get("conditions", []) if c["type"] == "Placed"), None),
                       what="the Placed condition")
