@@ -147,3 +147,13 @@ def test_a_profile_that_does_not_fit_the_nodes_share_is_refused_before_the_pack_
     refused = condition(decision, "InvalidSpec")
     assert refused.status == "True" and refused.message.startswith("spec.model: 30000 MiB of weights")
     assert [e.reason for e in decision.events if e.warning] == ["InvalidSpec"]
+
+
+def test_on_a_node_that_does_not_share_its_gpus_the_pack_is_one_replica_and_says_so():
+    unshared = GPUNode("gpu-n", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.replicas": "1",
+                                 "nvidia.com/gpu.sharing-strategy": "none", "nvidia.com/gpu.count": "8"},
+                       {"nvidia.com/gpu": 8})
+    decision = decide(fixed(1), ClusterSnapshot((unshared,)), NOW)
+    assert "1 replica(s) on node gpu-n on a whole GPU (the node does not share its GPUs)" in \
+        condition(decision, "Placed").message
+    assert condition(decision, "OneGPU").reason == "SingleReplica"

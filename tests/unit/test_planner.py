@@ -37,7 +37,7 @@ def test_the_papers_case_a_1_3b_model_whose_knee_uses_a_sixth_of_kv_memory():
     workload = {"workload": {"inputTokens": 512, "outputTokens": 512}}
     kv_room = H100_MIB * 0.9 - OPT_1_3B.weights_mib - OPT_1_3B.overhead_mib
     assert 0.14 < kv_cache_mib(OPT_1_3B, 64, 1024) / kv_room < 0.18
-    result = plan(spec(profiling=workload), profile(), H100_MIB, sharing_slots=8)
+    result = plan(spec(profiling=workload, placement="dra"), profile(), H100_MIB, sharing_slots=8)
     assert result.replicas == 3  # 3 replicas measured best; 4 was slower
     assert result.max_num_seqs == 64
     assert result.gpu_memory_utilization == 0.3
@@ -82,6 +82,12 @@ def test_cpu_device_sizes_the_kv_cache_instead_of_gpu_memory():
 
 def test_time_slicing_sets_no_mps_limits():
     result = plan(spec(sharing="time-slicing"), profile(), H100_MIB)
+    assert result.mps_active_thread_percentage is None and result.mps_pinned_memory_limit_mib is None
+
+
+def test_mps_asked_for_on_a_node_without_mps_claims_no_mps_limits():
+    # A node that does not share its GPUs serves the spec with one replica on a whole GPU, no MPS.
+    result = plan(spec(replicas=1), profile(), H100_MIB, sharing_slots=1, plugin_mps=False)
     assert result.mps_active_thread_percentage is None and result.mps_pinned_memory_limit_mib is None
 
 

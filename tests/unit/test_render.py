@@ -48,3 +48,31 @@ def test_a_refused_spec_exits_non_zero_with_the_condition_message(tmp_path, caps
 def test_a_missing_file_is_an_error(tmp_path, missing):
     with pytest.raises(FileNotFoundError):
         main(["render", "-f", str(tmp_path / missing)])
+
+
+def test_the_output_is_plain_yaml_that_kubectl_would_read(capsys):
+    main(["render", "-f", str(ROOT / "examples" / "slmdeployment.yaml"), "--node", str(NODES / "h100-mps-r4-g1.yaml"),
+          "--profile", str(PROFILE)])
+    out = capsys.readouterr().out
+    assert "&id" not in out and "*id" not in out  # no YAML anchors
+    deployment = list(yaml.safe_load_all(out))[-1]
+    assert list(deployment["metadata"]) == ["name", "namespace"]
+    assert deployment["status"]["replicaGPUs"] == []
+
+
+@pytest.mark.parametrize("example, node", [
+    ("slmdeployment.yaml", "h100-mps-r4-g1.yaml"),
+    ("slmdeployment-cpu.yaml", "h100-mps-r4-g1.yaml"),
+    ("slmdeployment-time-slicing.yaml", "h100-time-slicing-r4-g1.yaml"),
+])
+def test_every_example_renders_on_a_node_it_fits(example, node, capsys):
+    code, docs, err = render(capsys, "-f", ROOT / "examples" / example, "--node", NODES / node)
+    assert code == 0, err
+    assert docs[-1]["status"]["conditions"][0] == {**docs[-1]["status"]["conditions"][0], "type": "InvalidSpec",
+                                                   "status": "False"}
+
+
+def test_a_single_gpu_node_selector_keeps_the_pack_off_multi_gpu_nodes(capsys):
+    code, _, err = render(capsys, "-f", ROOT / "examples" / "slmdeployment-time-slicing.yaml",
+                          "--node", NODES / "h100-time-slicing-r4-g8.yaml")
+    assert code == 1 and "nvidia.com/gpu.count=1" in err

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from slmpack.api.models import SLMProfileSpec
 from slmpack.core import conditions as cond
@@ -28,6 +29,13 @@ from slmpack.core.validation import GPUNode
 MAX_ROUNDS = 3
 RENDER_UID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_NAMESPACE = "default"
+
+
+class Dumper(yaml.SafeDumper):
+    """Plain YAML, as kubectl prints it: a dict used twice is written twice, not as an anchor."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,17 +59,11 @@ def load_documents(path: Path) -> list[dict]:
     return objects
 
 
-def parse_quantity(value) -> int:
-    """Whole units of an extended resource or a plain count (`4`, `"8"`); other quantities count as 0."""
-    text = str(value)
-    return int(text) if text.isdigit() else 0
-
-
 def node_from_object(obj: dict) -> GPUNode:
     """A Node object as the API shows it, read the way the operator's adapter reads it."""
     allocatable = (obj.get("status") or {}).get("allocatable") or {}
     return GPUNode(name=obj["metadata"]["name"], labels=dict(obj["metadata"].get("labels") or {}),
-                   allocatable={k: parse_quantity(v) for k, v in allocatable.items()})
+                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()})
 
 
 def profile_as_stored(profile: dict, namespace: str) -> dict:
@@ -98,13 +100,15 @@ def render(deployment: dict, nodes: list[GPUNode], profiles: list[dict], now: da
 
 
 def run(args: argparse.Namespace) -> int:
-    deployment = next(iter(load_documents(args.filename)), None)
-    if not deployment or deployment.get("kind") != "SLMDeployment":
+    given = next(iter(load_documents(args.filename)), None)
+    if not given or given.get("kind") != "SLMDeployment":
         print(f"{args.filename}: no SLMDeployment in it", file=sys.stderr)
         return 2
-    metadata = {"uid": RENDER_UID, "generation": 1, **deployment.get("metadata", {})}
-    metadata.setdefault("namespace", args.namespace or DEFAULT_NAMESPACE)
-    deployment = {**deployment, "metadata": metadata}
+    given["metadata"] = dict(given.get("metadata") or {})
+    given["metadata"].setdefault("namespace", args.namespace or DEFAULT_NAMESPACE)
+    # As the apiserver would hold it: with a uid for its children's ownerReferences, at generation 1.
+    metadata = {"uid": RENDER_UID, "generation": 1, **given["metadata"]}
+    deployment = {**given, "metadata": metadata}
     nodes = [node_from_object(o) for path in args.node for o in load_documents(path) if o.get("kind") == "Node"]
     profiles = [profile_as_stored(p, metadata["namespace"])
                 for path in args.profile for p in load_documents(path) if p.get("kind") == "SLMProfile"]
@@ -114,6 +118,5 @@ def run(args: argparse.Namespace) -> int:
     if refused is not None and refused.status == "True":
         print(refused.message, file=sys.stderr)
         return 1
-    deployment = with_status(deployment, decision.status)
-    yaml.safe_dump_all(objects + [deployment], sys.stdout, sort_keys=False)
+    yaml.dump_all(objects + [with_status(given, decision.status)], sys.stdout, Dumper=Dumper, sort_keys=False)
     return 0

@@ -270,7 +270,12 @@ class _Decider:
         self.decision.apply += objects
         self.status.plan, self.status.replicas = decided, decided.replicas
         self.status.endpoint = service_endpoint(owner, spec)
-        where = "on the CPU" if spec.engine.device == Device.cpu else f"sharing one GPU by {spec.sharing.value}"
+        if spec.engine.device == Device.cpu:
+            where = "on the CPU"
+        elif spec.placement == Placement.device_plugin and node.sharing_strategy == "none":
+            where = "on a whole GPU (the node does not share its GPUs)"
+        else:
+            where = f"sharing one GPU by {spec.sharing.value}"
         self.condition(cond.PLACED, True, "StatefulSetApplied",
                        f"{decided.replicas} replica(s) on node {node.name} {where}: {decided.explanation}")
         self.follow_replicas(decided.replicas)
@@ -298,6 +303,8 @@ class _Decider:
         if by_gpu and len(reported) >= planned:
             self.condition(cond.ONE_GPU, True, "OnOneGPU",
                            f"all {len(reported)} replicas run on GPU {next(iter(by_gpu))} of node {node.name}")
+        elif planned == 1:
+            self.condition(cond.ONE_GPU, True, "SingleReplica", "one replica holds one slot, which is on one GPU")
         elif spec.placement == Placement.dra:
             self.condition(cond.ONE_GPU, True, "OneClaim",
                            "every replica names the same ResourceClaim, which is allocated one GPU")

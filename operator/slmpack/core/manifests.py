@@ -346,7 +346,16 @@ def build_profile(namespace: str, conditions: ProfileConditions, spec: SLMDeploy
     }
 
 
-def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, spec: SLMDeploymentSpec) -> list[str]:
+def max_measured_replicas(spec: SLMDeploymentSpec, node: GPUNode | None) -> int:
+    """The most co-located replicas worth measuring: on the device plugin a pack never exceeds the
+    node's R slots per GPU, so counts above R measure a regime that is never deployed."""
+    if node is not None and spec.placement == Placement.device_plugin:
+        return min(spec.profiling.max_replicas, node.sharing_slots)
+    return spec.profiling.max_replicas
+
+
+def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, spec: SLMDeploymentSpec,
+                  max_replicas: int | None = None) -> list[str]:
     policy = spec.profiling
     args = ["profile", "--engine", "vllm", "--device", conditions.device.value,
             "--model", conditions.model, "--dtype", conditions.dtype.value,
@@ -355,7 +364,7 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
             "--rule", policy.rule.value,
             "--efficiency-threshold-percent", str(policy.efficiency_threshold_percent),
             "--latency-factor", str(policy.latency_factor),
-            "--max-replicas", str(policy.max_replicas),
+            "--max-replicas", str(max_replicas or policy.max_replicas),
             "--requests-per-point", str(policy.requests_per_point),
             "--write-profile", f"{namespace}/{profile}", "--out", "/tmp/profile"]
     if policy.batch_sizes:
@@ -411,7 +420,8 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                         "image": conditions.engine_image,
                         "imagePullPolicy": "IfNotPresent",
                         "command": ["slmpack"],
-                        "args": profiler_args(profile_owner.name, profile_owner.namespace, conditions, spec),
+                        "args": profiler_args(profile_owner.name, profile_owner.namespace, conditions, spec,
+                                              max_measured_replicas(spec, node)),
                         "env": base_env(spec),
                         "resources": resources,
                         "volumeMounts": mounts,

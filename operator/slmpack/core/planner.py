@@ -26,6 +26,7 @@ from slmpack.api.models import (
     Device,
     LatencySLO,
     MemoryFootprint,
+    Placement,
     Plan,
     ReplicationPoint,
     Sharing,
@@ -136,7 +137,7 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
     elif gpu:
         utilization = math.floor(GPU_BUDGET_FRACTION / replicas * 1000) / 1000
         memory_per_replica = int(gpu_memory_mib * utilization) if gpu_memory_mib else None
-        if mps:  # DRA's MPS: the claim sets these limits for its clients
+        if mps and spec.placement == Placement.dra:  # the claim sets these limits for its clients
             threads, pinned = math.ceil(100 / replicas), memory_per_replica
     else:
         memory_per_replica = spec.engine.cpu_kv_cache_space_gib * 1024

@@ -134,8 +134,14 @@ def choose_node(spec: SLMDeploymentSpec, nodes: list[GPUNode]) -> GPUNode:
         wanted += [f"{k}={v}" for k, v in spec.gpu.node_selector.items()]
         if spec.placement == Placement.device_plugin:
             wanted.append(f"{SHARING_STRATEGY}={spec.sharing.value}")
+        hint = ""
+        others = sorted({r for n in nodes for r in n.allocatable
+                         if r.startswith("nvidia.com/gpu") and r != spec.gpu.resource_name})
+        if spec.placement == Placement.device_plugin and others:
+            hint = f" (nodes advertise {', '.join(others)}: set spec.gpu.resourceName to it if the plugin renames " \
+                   "shared GPUs)"
         raise NoMatchingNode("spec.gpu: no node offers " + ", ".join(wanted) +
-                          ": fix spec.gpu.product / spec.gpu.nodeSelector / spec.sharing, or add such a node")
+                             ": fix spec.gpu.product / spec.gpu.nodeSelector / spec.sharing, or add such a node" + hint)
     node = max(matching, key=lambda n: (n.gpu_count == 1, n.sharing_slots, n.name))
     if spec.replicas != "auto" and spec.placement == Placement.device_plugin and spec.replicas > node.sharing_slots:
         shared = "does not share its GPUs" if node.sharing_strategy == "none" else \
