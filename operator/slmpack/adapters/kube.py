@@ -7,6 +7,7 @@ declaration of the whole desired object, so reconciling twice changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -38,14 +39,18 @@ class Conflict(Exception):
     """The object changed since it was read (HTTP 409): read it again and retry."""
 
 
-def load_config() -> client.ApiClient:
-    """In-cluster credentials when running in a pod, the kubeconfig otherwise."""
+def load_config(connections: int | None = None) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, the kubeconfig otherwise; up to `connections`
+    kept open for threads that call the API at once."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         # Read KUBECONFIG now: the client library captured it when first imported.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return CountingApiClient()
+    configuration = client.Configuration.get_default_copy()
+    if connections:
+        configuration.connection_pool_maxsize = connections
+    return CountingApiClient(configuration)
 
 
 def absent_as_none(read):
@@ -81,14 +86,16 @@ class Kube:
         """Server-side apply of the whole desired object."""
         meta = obj["metadata"]
         try:
+            # serialize=False: the reply's JSON as it is, not the dynamic client's object tree (costly
+            # for a StatefulSet, at a thousand deployments).
             result = self._resource(obj).server_side_apply(
                 body=obj, name=meta["name"], namespace=meta.get("namespace"),
-                field_manager=FIELD_MANAGER, force_conflicts=True)
+                field_manager=FIELD_MANAGER, force_conflicts=True, serialize=False)
         except ApiException as error:
             if error.status == 409:  # another writer created it between this apply's read and its create
                 raise Conflict(f"{obj['kind']} {meta.get('namespace')}/{meta['name']}: {error.reason}") from None
             raise
-        return result.to_dict()
+        return json.loads(result.data)
 
     def create_if_absent(self, obj: dict) -> dict | None:
         """Create the object unless one of that name exists; the created object, or None when it existed.
@@ -106,15 +113,16 @@ class Kube:
 
     def post_event(self, involved: dict, reason: str, message: str, warning: bool = False) -> None:
         """An Event on `involved` (an object as the API returns it), as `kubectl describe` shows them."""
-        meta, now = involved["metadata"], datetime.now(UTC)
-        self.core.create_namespaced_event(meta["namespace"], client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name'][:200]}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=involved["apiVersion"], kind=involved["kind"], name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
-            reason=reason, message=message[:1024], type="Warning" if warning else "Normal",
-            first_timestamp=now, last_timestamp=now, count=1,
-            source=client.V1EventSource(component=FIELD_MANAGER), reporting_component=FIELD_MANAGER))
+        meta, now = involved["metadata"], datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.core.create_namespaced_event(meta["namespace"], {
+            "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": FIELD_MANAGER}, "reportingComponent": FIELD_MANAGER,
+        }, _preload_content=False)
 
     def patch_deployment_status(self, namespace: str, name: str, status: dict, resource_version: str) -> str:
         """Write the status computed from the object at `resource_version`; returns the new resourceVersion.
@@ -136,18 +144,23 @@ class Kube:
     def add_profile_user(self, profile: dict, owner_reference: dict) -> None:
         """Add a deployment to a profile's owners, so the profile goes when its last user goes.
 
-        The resourceVersion makes the write conditional: two deployments adding themselves at
-        once cannot drop each other; the loser gets a 409 and retries on its next reconcile.
+        The first user writes the list conditionally on the resourceVersion; later ones append to
+        it with a JSON patch, which the apiserver applies atomically, so hundreds of deployments
+        sharing one profile add themselves without conflicts and without dropping each other.
         """
         meta = profile["metadata"]
         owners = list(meta.get("ownerReferences") or [])
         if any(o["uid"] == owner_reference["uid"] for o in owners):
             return
+        if owners:
+            patch, kind = [{"op": "add", "path": "/metadata/ownerReferences/-", "value": owner_reference}], "json"
+        else:
+            patch, kind = ({"metadata": {"ownerReferences": [owner_reference],
+                                         "resourceVersion": meta["resourceVersion"]}}, "merge")
         try:
             self.custom.patch_namespaced_custom_object(
-                API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"],
-                {"metadata": {"ownerReferences": owners + [owner_reference],
-                              "resourceVersion": meta["resourceVersion"]}})
+                API_GROUP, API_VERSION, meta["namespace"], "slmprofiles", meta["name"], patch,
+                _content_type=f"application/{kind}-patch+json", _preload_content=False)
         except ApiException as error:
             if error.status == 409:
                 raise Conflict(f"SLMProfile {meta['namespace']}/{meta['name']} changed; adding its user again") \

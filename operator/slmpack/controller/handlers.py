@@ -29,6 +29,7 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -50,7 +51,9 @@ from slmpack.core.validation import GPUNode
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
 # "NAMESPACE/NAME" of the Lease that elects the acting replica; unset runs without election.
 LEADER_LEASE = os.environ.get("SLMPACK_LEADER_ELECTION_LEASE", "")
-WORKERS = int(os.environ.get("SLMPACK_WORKERS", "4"))
+# Reconciles at once (of different deployments). They mostly wait on the apiserver, so they run
+# in threads of their own, not in the event loop's small default pool.
+WORKERS = int(os.environ.get("SLMPACK_WORKERS", "16"))
 # A decision that creates the profile needs its uid for the Job: decide again after creating, a few times at most.
 MAX_ROUNDS = 3
 # While a profile is measured, look again now and then even if no event comes (a missed watch event).
@@ -197,9 +200,14 @@ class Controller:
     queue: WorkQueue = field(default_factory=lambda: WorkQueue(base_delay=0.05))
     leader: LeaderElection | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(WORKERS, "reconcile"))
     # What was last applied per child, and the version the apply returned: an unchanged desired
     # object over an unchanged child is not sent again.
     applied: dict[tuple, tuple[str, str | int]] = field(default_factory=dict)
+    # The resourceVersion of each deployment's last status write, to know its echo from the watch.
+    written: dict[Key, str] = field(default_factory=dict)
+    # (profile uid, deployment uid) pairs this operator added as profile users.
+    users_added: set[tuple[str, str]] = field(default_factory=set)
 
     def start(self) -> None:
         may_work = self.leader.wait_to_lead if self.leader else None
@@ -213,6 +221,7 @@ class Controller:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.leader and self.leader.leading.is_set():
             await asyncio.to_thread(self.leader.release)
+        self.threads.shutdown(wait=False, cancel_futures=True)
 
     # ---- reading the caches (in the event loop, where kopf updates them)
 
@@ -242,7 +251,8 @@ class Controller:
         started = time.monotonic()
         snapshot = self.snapshot(*key)
         try:
-            decision, user_pending = await asyncio.to_thread(self.reconcile_once, body, snapshot)
+            decision, user_pending = await asyncio.get_running_loop().run_in_executor(
+                self.threads, self.reconcile_once, body, snapshot)
         except Conflict as error:
             CONFLICTS.inc()
             raise Retry(str(error)) from None
@@ -278,15 +288,21 @@ class Controller:
         RECONCILES.labels(decision.outcome).inc()
         user_pending = False
         if decision.profile_user:
-            try:
-                self.kube.add_profile_user(*decision.profile_user)
-            except Conflict:
-                CONFLICTS.inc()
-                user_pending = True
+            profile, reference = decision.profile_user
+            user = (profile["metadata"].get("uid"), reference["uid"])
+            # The cache may not show this deployment's append yet: never append it twice.
+            if user not in self.users_added:
+                try:
+                    self.kube.add_profile_user(profile, reference)
+                    self.users_added.add(user)
+                except Conflict:
+                    CONFLICTS.inc()
+                    user_pending = True
         status = status_patch(decision.status)
         if status != status_patch(SLMDeploymentStatus.from_stored(original.get("status"))):
             meta = original["metadata"]
-            self.kube.patch_deployment_status(meta["namespace"], meta["name"], status, meta["resourceVersion"])
+            self.written[meta["namespace"], meta["name"]] = self.kube.patch_deployment_status(
+                meta["namespace"], meta["name"], status, meta["resourceVersion"])
         for event in events:
             self.kube.post_event(original, event.reason, event.message, event.warning)
             log.info("%s/%s %s: %s", original["metadata"]["namespace"], original["metadata"]["name"], event.reason,
@@ -363,7 +379,7 @@ async def operator_startup(settings: kopf.OperatorSettings, **kwargs) -> None:
     settings.posting.level = logging.WARNING  # our own Events say what was decided
     settings.watching.server_timeout = 300
     indices = {name: value for name, value in kwargs.items() if isinstance(value, kopf.Index)}
-    kube = Kube(load_config())
+    kube = Kube(load_config(connections=WORKERS + 4))
     leader = None
     if LEADER_LEASE:
         namespace, _, name = LEADER_LEASE.partition("/")
@@ -383,7 +399,11 @@ async def operator_cleanup(**_) -> None:
 
 
 @kopf.on.event(API_GROUP, API_VERSION, "slmdeployments")
-async def slmdeployment_event(namespace, name, **_) -> None:
+async def slmdeployment_event(namespace, name, meta, type, **_) -> None:
+    if type == "DELETED":
+        controller().written.pop((namespace, name), None)
+    elif controller().written.get((namespace, name)) == meta.get("resourceVersion"):
+        return  # the echo of this operator's own status write: nothing new to reconcile
     controller().queue.add((namespace, name))
 
 
