@@ -207,6 +207,24 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
     assert complete(core, app_namespace)
 
 
+def engine_from_the_operators_builders(api_client, namespace: str) -> None:
+    """The engine StatefulSet and Service exactly as the operator builds them (labels, prometheus.io
+    annotations), applied directly: this test is about discovery, not reconciling. On the CPU test
+    bed the engine needs no GPU slot, so the pod asks for none."""
+    from slmpack.core.manifests import Owner, build_service, build_statefulset
+    from slmpack.core.planner import plan
+    from slmpack.core.validation import parse_spec
+
+    spec = parse_spec(slmdeployment()["spec"])
+    owner = Owner(kind="SLMDeployment", name=NAME, uid="unowned", namespace=namespace)
+    statefulset, service = build_statefulset(owner, spec, plan(spec, None), None), build_service(owner, spec)
+    for obj in (statefulset, service):
+        del obj["metadata"]["ownerReferences"]
+    del statefulset["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][spec.gpu.resource_name]
+    client.AppsV1Api(api_client).create_namespaced_stateful_set(namespace, statefulset)
+    client.CoreV1Api(api_client).create_namespaced_service(namespace, service)
+
+
 def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_token(
         node_kubeconfig, namespace, app_namespace, api_client, releases):
     core = client.CoreV1Api(api_client)
@@ -217,7 +235,9 @@ def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_tok
         *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
         "--set", "monitoring.prometheus.scrapeInterval=2s")
     releases.append((release, namespace))
-    serve(api_client, app_namespace)
+    engine_from_the_operators_builders(api_client, app_namespace)
+    wait(lambda: all(s.ready for s in core.read_namespaced_pod(f"{NAME}-0", app_namespace).status.container_statuses
+                     or [False]), 900, "the engine to be ready")
 
     # The release's Prometheus discovered the exporter and the engine by annotation.
     prometheus = wait(lambda: next((p.status.pod_ip for p in core.list_namespaced_pod(
