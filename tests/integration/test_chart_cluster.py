@@ -248,9 +248,9 @@ def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_tok
 
     def scraped():
         targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-        up = {(t["labels"]["job"], t["labels"].get("component") or t["labels"].get("pod")) for t in targets
-              if t["health"] == "up"}
-        return up if {("slmpack-engines", f"{NAME}-0"), ("slmpack", "exporter")} <= up else None
+        up = {(t["labels"]["job"], t["labels"].get("component") or f'{t["labels"]["namespace"]}/{t["labels"]["pod"]}')
+              for t in targets if t["health"] == "up"}
+        return up if {("slmpack-engines", f"{app_namespace}/{NAME}-0"), ("slmpack", "exporter")} <= up else None
 
     wait(scraped, 120, "the exporter and the engine to be scraped")
 
