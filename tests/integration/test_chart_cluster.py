@@ -118,6 +118,11 @@ def test_two_releases_install_side_by_side_and_uninstall_cleanly(node_kubeconfig
         core.delete_namespace(second_system, propagation_policy="Background")
 
 
+def ready(pod: client.V1Pod) -> bool:
+    statuses = pod.status.container_statuses or []
+    return bool(statuses) and all(s.ready for s in statuses)
+
+
 def previous_chart(tmp_path: Path) -> Path:
     archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_CHART_COMMIT, "charts/slmpack"], cwd=ROOT,
                              capture_output=True, check=True).stdout
@@ -236,13 +241,12 @@ def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_tok
         "--set", "monitoring.prometheus.scrapeInterval=2s")
     releases.append((release, namespace))
     engine_from_the_operators_builders(api_client, app_namespace)
-    wait(lambda: all(s.ready for s in core.read_namespaced_pod(f"{NAME}-0", app_namespace).status.container_statuses
-                     or [False]), 900, "the engine to be ready")
+    wait(lambda: ready(core.read_namespaced_pod(f"{NAME}-0", app_namespace)), 900, "the engine to be ready")
 
     # The release's Prometheus discovered the exporter and the engine by annotation.
     prometheus = wait(lambda: next((p.status.pod_ip for p in core.list_namespaced_pod(
         namespace, label_selector="app.kubernetes.io/component=prometheus").items
-        if p.status.pod_ip and all(s.ready for s in p.status.container_statuses or [False])), None),
+        if p.status.pod_ip and ready(p)), None),
         180, "the release's Prometheus to be ready")
     url = f"http://{prometheus}:9090"
 
