@@ -8,6 +8,7 @@ The previous version is the chart as main last shipped it before 0.2.0, taken fr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -88,7 +89,7 @@ def releases(node_kubeconfig, images):
     yield installed
     for release, namespace in installed:
         subprocess.run([HELM, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "3m"],
-                       capture_output=True, env={"KUBECONFIG": str(node_kubeconfig), "HOME": str(Path.home())})
+                       capture_output=True, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
 
 
 def cluster_scoped(kubeconfig: Path, release: str) -> set[tuple[str, str]]:
