@@ -8,6 +8,7 @@ The previous version is the chart as main last shipped it before 0.2.0, taken fr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -88,7 +89,7 @@ def releases(node_kubeconfig, images):
     yield installed
     for release, namespace in installed:
         subprocess.run([HELM, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "3m"],
-                       capture_output=True, env={"KUBECONFIG": str(node_kubeconfig), "HOME": str(Path.home())})
+                       capture_output=True, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
 
 
 def cluster_scoped(kubeconfig: Path, release: str) -> set[tuple[str, str]]:
@@ -116,6 +117,11 @@ def test_two_releases_install_side_by_side_and_uninstall_cleanly(node_kubeconfig
         releases.clear()
     finally:
         core.delete_namespace(second_system, propagation_policy="Background")
+
+
+def ready(pod: client.V1Pod) -> bool:
+    statuses = pod.status.container_statuses or []
+    return bool(statuses) and all(s.ready for s in statuses)
 
 
 def previous_chart(tmp_path: Path) -> Path:
@@ -207,6 +213,24 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
     assert complete(core, app_namespace)
 
 
+def engine_from_the_operators_builders(api_client, namespace: str) -> None:
+    """The engine StatefulSet and Service exactly as the operator builds them (labels, prometheus.io
+    annotations), applied directly: this test is about discovery, not reconciling. On the CPU test
+    bed the engine needs no GPU slot, so the pod asks for none."""
+    from slmpack.core.manifests import Owner, build_service, build_statefulset
+    from slmpack.core.planner import plan
+    from slmpack.core.validation import parse_spec
+
+    spec = parse_spec(slmdeployment()["spec"])
+    owner = Owner(kind="SLMDeployment", name=NAME, uid="unowned", namespace=namespace)
+    statefulset, service = build_statefulset(owner, spec, plan(spec, None), None), build_service(owner, spec)
+    for obj in (statefulset, service):
+        del obj["metadata"]["ownerReferences"]
+    del statefulset["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][spec.gpu.resource_name]
+    client.AppsV1Api(api_client).create_namespaced_stateful_set(namespace, statefulset)
+    client.CoreV1Api(api_client).create_namespaced_service(namespace, service)
+
+
 def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_token(
         node_kubeconfig, namespace, app_namespace, api_client, releases):
     core = client.CoreV1Api(api_client)
@@ -217,20 +241,21 @@ def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_tok
         *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
         "--set", "monitoring.prometheus.scrapeInterval=2s")
     releases.append((release, namespace))
-    serve(api_client, app_namespace)
+    engine_from_the_operators_builders(api_client, app_namespace)
+    wait(lambda: ready(core.read_namespaced_pod(f"{NAME}-0", app_namespace)), 900, "the engine to be ready")
 
     # The release's Prometheus discovered the exporter and the engine by annotation.
     prometheus = wait(lambda: next((p.status.pod_ip for p in core.list_namespaced_pod(
         namespace, label_selector="app.kubernetes.io/component=prometheus").items
-        if p.status.pod_ip and all(s.ready for s in p.status.container_statuses or [False])), None),
+        if p.status.pod_ip and ready(p)), None),
         180, "the release's Prometheus to be ready")
     url = f"http://{prometheus}:9090"
 
     def scraped():
         targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-        up = {(t["labels"]["job"], t["labels"].get("component") or t["labels"].get("pod")) for t in targets
-              if t["health"] == "up"}
-        return up if {("slmpack-engines", f"{NAME}-0"), ("slmpack", "exporter")} <= up else None
+        up = {(t["labels"]["job"], t["labels"].get("component") or f'{t["labels"]["namespace"]}/{t["labels"]["pod"]}')
+              for t in targets if t["health"] == "up"}
+        return up if {("slmpack-engines", f"{app_namespace}/{NAME}-0"), ("slmpack", "exporter")} <= up else None
 
     wait(scraped, 120, "the exporter and the engine to be scraped")
 
