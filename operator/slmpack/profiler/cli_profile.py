@@ -153,7 +153,7 @@ def status_writer(target: str | None):
 
     def write(status: dict) -> None:
         try:
-            kube.patch_profile_status(namespace, name, status)
+            kube.patch_profile_status(namespace, name, without_empty_strings(status))
         except Exception as error:  # progress must not stop the measurement
             log.warning("could not write SLMProfile %s status: %s", target, error)
 
@@ -163,3 +163,13 @@ def status_writer(target: str | None):
         log.warning("could not read SLMProfile %s to resume from: %s", target, error)
         stored = None
     return write, SLMProfileStatus.from_stored(stored) if stored else None
+
+
+def without_empty_strings(value):
+    """The status with empty strings left out: the Kubernetes client sends "" as null, which a string field
+    of the CRD's schema refuses, failing the whole write."""
+    if isinstance(value, dict):
+        return {k: without_empty_strings(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [without_empty_strings(v) for v in value]
+    return value
