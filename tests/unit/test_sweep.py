@@ -60,6 +60,7 @@ def test_profile_phase_comes_from_its_conditions():
     assert profile_status.derive_phase(running) == "Profiling"
     done = profile_status.measured(running, "knee at 64", now)
     assert profile_status.derive_phase(done) == "Ready"
+    assert all(c.message for c in running + done)  # the client would send "" as null, which the CRD refuses
     broken = profile_status.failed(done, "EngineFailed", "the engine exited with code 1", now)
     assert profile_status.derive_phase(broken) == "Failed"
     failed = next(c for c in broken if c.type == "Failed")

@@ -1,4 +1,8 @@
-"""An SLMProfile's conditions and the phase derived from them, and its progress estimate (pure)."""
+"""An SLMProfile's conditions and the phase derived from them, and its progress estimate (pure).
+
+Every message is non-empty: the Kubernetes client sends an empty string as null, which the
+CRD's schema (message: string) rejects.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ FAILED = "Failed"
 
 def measured(conditions: list[Condition], message: str, now: datetime, generation: int | None = None):
     conditions = set_condition(conditions, READY, True, "Measured", message, now, generation)
-    return set_condition(conditions, FAILED, False, "Measured", "", now, generation)
+    return set_condition(conditions, FAILED, False, "Measured", "the profile was measured", now, generation)
 
 
 def failed(conditions: list[Condition], reason: str, message: str, now: datetime, generation: int | None = None):
@@ -25,7 +29,7 @@ def failed(conditions: list[Condition], reason: str, message: str, now: datetime
 
 def in_progress(conditions: list[Condition], message: str, now: datetime, generation: int | None = None):
     conditions = set_condition(conditions, READY, False, "Profiling", message, now, generation)
-    return set_condition(conditions, FAILED, False, "Profiling", "", now, generation)
+    return set_condition(conditions, FAILED, False, "Profiling", "the profiler is measuring", now, generation)
 
 
 def derive_phase(conditions: list[Condition]) -> str:

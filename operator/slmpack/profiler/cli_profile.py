@@ -166,7 +166,7 @@ def status_writer(target: str | None, attempts: int = 3, retry_seconds: float = 
     def write(status: dict, final: bool = False) -> None:
         for attempt in range(1, (attempts if final else 1) + 1):
             try:
-                kube.patch_profile_status(namespace, name, status)
+                kube.patch_profile_status(namespace, name, without_empty_strings(status))
                 return
             except Exception as error:  # progress must not stop the measurement
                 log.warning("could not write SLMProfile %s status (attempt %d): %s", target, attempt, error)
@@ -182,3 +182,13 @@ def status_writer(target: str | None, attempts: int = 3, retry_seconds: float = 
         log.warning("could not read SLMProfile %s to resume from: %s", target, error)
         stored = None
     return write, SLMProfileStatus.from_stored(stored) if stored else None
+
+
+def without_empty_strings(value):
+    """The status with empty strings left out: the Kubernetes client sends "" as null, which a string field
+    of the CRD's schema refuses, failing the whole write."""
+    if isinstance(value, dict):
+        return {k: without_empty_strings(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [without_empty_strings(v) for v in value]
+    return value
