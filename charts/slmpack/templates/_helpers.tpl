@@ -69,7 +69,7 @@ finalizers. */}}
   verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [create, patch]
+  verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, patch]

@@ -198,6 +198,18 @@ class Kube:
         # Items of a list carry no apiVersion or kind; the delete needs the version they were read in.
         return [{**item, "apiVersion": api_version, "kind": "ResourceClaim"} for item in items]
 
+    def delete_as_read(self, obj: dict) -> None:
+        """Delete the object read (its uid a precondition, so a successor of the same name survives); its
+        dependents go by garbage collection, gracefully: a StatefulSet's pods run their preStop drain."""
+        meta = obj["metadata"]
+        try:
+            self._resource(obj).delete(name=meta["name"], namespace=meta.get("namespace"),
+                                       body={"preconditions": {"uid": meta["uid"]},
+                                             "propagationPolicy": "Background"})
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
+
     def delete_unused_claim(self, claim: dict) -> bool:
         """Delete a claim as it was read; True when deleted. The preconditions make the delete fail (409) if
         the claim changed since, e.g. the scheduler reserved it for a pod: the next reconcile looks again."""

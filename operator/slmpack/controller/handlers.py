@@ -37,6 +37,7 @@ from kubernetes.utils import parse_quantity
 from prometheus_client import Counter, Histogram
 
 from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
+from slmpack.adapters.engine_metrics import EngineMetrics
 from slmpack.adapters.kube import Conflict, Kube, load_config
 from slmpack.api.models import SLMDeploymentStatus
 from slmpack.controller.leader import LeaderElection
@@ -62,6 +63,9 @@ ERRORS = Counter("slmpack_operator_errors_total", "Reconciles that raised an une
 CONFLICTS = Counter("slmpack_operator_conflicts_total", "Writes refused because the object had changed (409).")
 RECONCILE_SECONDS = Histogram("slmpack_operator_reconcile_duration_seconds", "Time of one reconcile.",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SCALING_DECISIONS = Counter("slmpack_operator_scaling_decisions_total",
+                            "The autoscaler's decisions, by direction (up, down, none) and reason.",
+                            ["direction", "reason"])
 PROFILING_SECONDS = Histogram("slmpack_operator_profiling_duration_seconds",
                               "Time from a profile's creation to its measurement, seen when it becomes ready.",
                               buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200))
@@ -125,6 +129,13 @@ async def service_index(namespace, name, meta, **_):
     return {("Service", namespace, name): meta.get("resourceVersion")}
 
 
+@kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def packs_by_deployment(namespace, name, uid, labels, **_):
+    """The packs' StatefulSets of each deployment: one no longer wanted is deleted."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                    "metadata": {"name": name, "namespace": namespace, "uid": uid}}}
+
+
 # The children whose resourceVersion the operator follows, to skip applying what did not change.
 CHILD_INDICES = {"StatefulSet": "statefulset_index", "Service": "service_index"}
 
@@ -160,7 +171,7 @@ def replica_state(pod: dict) -> cond.ReplicaState:
     engine = next((s for s in statuses if s.get("name") == "engine"), statuses[0] if statuses else None)
     uuids = (meta.get("annotations") or {}).get(GPU_UUIDS_ANNOTATION, "")
     spec = pod.get("spec") or {}
-    where = {"node": spec.get("nodeName"),
+    where = {"node": spec.get("nodeName"), "ip": status.get("podIP"),
              "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip()),
              "claims": tuple(c["resourceClaimName"] for c in spec.get("resourceClaims") or []
                              if c.get("resourceClaimName"))}
@@ -197,6 +208,7 @@ class Controller:
     # What was last applied per child, and the resourceVersion the apply returned: an unchanged
     # desired object over an unchanged child is not sent again.
     applied: dict[tuple, tuple[str, str]] = field(default_factory=dict)
+    engines: EngineMetrics = field(default_factory=EngineMetrics)
 
     def start(self) -> None:
         may_work = self.leader.wait_to_lead if self.leader else None
@@ -228,6 +240,7 @@ class Controller:
             jobs=tuple(profiling_job(j, self.all("profiler_pod_index", (namespace, j["metadata"]["name"])))
                        for j in self.all("job_index", namespace)),
             pods=self.all("pod_index", (namespace, label_value(name))),
+            statefulsets=self.all("packs_by_deployment", (namespace, label_value(name))),
         )
 
     # ---- one reconcile
@@ -262,6 +275,8 @@ class Controller:
         original, events = body, []
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
+        if (body.get("spec") or {}).get("autoscaling"):
+            snapshot = replace(snapshot, engine_loads=self.engines.loads(metrics_targets(body, snapshot)))
         for _ in range(MAX_ROUNDS):
             decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
             created = self.act(decision)
@@ -271,6 +286,8 @@ class Controller:
             body = with_status(body, decision.status)
             snapshot = with_created(snapshot, created)
         RECONCILES.labels(decision.outcome).inc()
+        if decision.scaling:
+            SCALING_DECISIONS.labels(decision.scaling.direction, decision.scaling.reason).inc()
         user_pending = False
         if decision.profile_user:
             try:
@@ -296,10 +313,14 @@ class Controller:
         created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
         for obj in decision.apply:
             self.apply(obj)
-        for claim in decision.delete:
-            if self.kube.delete_unused_claim(claim):
-                log.info("deleted ResourceClaim %s/%s: no pod uses it", claim["metadata"]["namespace"],
-                         claim["metadata"]["name"])
+        for obj in decision.delete:
+            if obj["kind"] != "ResourceClaim":
+                self.kube.delete_as_read(obj)
+                log.info("deleted %s %s/%s: its pack is no longer wanted", obj["kind"], obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
+            elif self.kube.delete_unused_claim(obj):
+                log.info("deleted ResourceClaim %s/%s: no pod uses it", obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
         return created
 
     def apply(self, obj: dict) -> None:
@@ -327,6 +348,12 @@ def with_dra(kube: Kube, snapshot: ClusterSnapshot, namespace: str, name: str) -
     return replace(snapshot, resource_api_versions=versions,
                    resource_slices=tuple(kube.resource_slices(served, dra.DRIVER)),
                    resource_claims=tuple(kube.resource_claims(served, namespace, selector_labels(name))))
+
+
+def metrics_targets(body: dict, snapshot: ClusterSnapshot) -> dict[str, str]:
+    """Where each ready replica's engine serves /metrics."""
+    port = (body.get("spec") or {}).get("port", 8000)
+    return {p.name: f"http://{p.ip}:{port}/metrics" for p in snapshot.pods if p.ready and p.ip}
 
 
 def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnapshot:
