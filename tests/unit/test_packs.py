@@ -134,3 +134,19 @@ def test_on_dra_each_pack_gets_its_own_claim_and_the_scheduler_picks_its_node():
     assert not any("kubernetes.io/hostname" in s["spec"]["template"]["spec"]["nodeSelector"]
                    for s in statefulsets(decision).values())
     assert decision.delete == []
+
+
+def test_the_scaling_examples_target_the_scale_subresource_and_the_autoscaling_example_is_valid():
+    root = DATA.parents[1]
+    crd = yaml.safe_load((root / "crds" / "slmdeployments.slmpack.dev.yaml").read_text())
+    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.packs"
+    hpa = yaml.safe_load((root / "examples" / "scaling" / "hpa.yaml").read_text())
+    keda = yaml.safe_load((root / "examples" / "scaling" / "keda-scaledobject.yaml").read_text())
+    for scaler in (hpa, keda):
+        assert scaler["spec"]["scaleTargetRef"]["kind"] == "SLMDeployment"
+        assert scaler["spec"]["scaleTargetRef"]["apiVersion"] == "slmpack.dev/v1alpha1"
+    body = yaml.safe_load((root / "examples" / "slmdeployment-autoscaling.yaml").read_text())
+    body["metadata"].update(namespace="team", uid="d-1")
+    decision = decide(body, ClusterSnapshot(ONE_GPU_NODES), NOW)
+    assert condition(decision, "InvalidSpec").status == "False"
