@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from e2e.cluster.nvidia_device_plugin import GpuNode
 from kopf.testing import KopfRunner
-from kubernetes import client, utils
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
+
+from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
@@ -23,22 +24,34 @@ def operator(namespace):
     """kopf's arguments for the operator, watching the test's namespace only: tests on a shared
     cluster must not act on each other's deployments."""
     return ["run", "--standalone", "--namespace", namespace, "-m", "slmpack.controller.handlers"]
+# The fake GPU's extended resource. Not nvidia.com/gpu: a device plugin on the shared node (the
+# emulator's) owns that name, and the kubelet resets what others patch into it.
+GPU_RESOURCE = "slmpack.dev/test-gpu"
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
 
 
 @pytest.fixture(scope="module")
-def cluster(node_kubeconfig, api_client, emulated_plugin):
+def cluster(node_kubeconfig, api_client):
     os.environ["KUBECONFIG"] = str(node_kubeconfig)
     # kopf logs in through the client library, which read KUBECONFIG when it was imported.
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(node_kubeconfig)
+    extensions = client.ApiextensionsV1Api(api_client)
     for path in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
         try:
-            utils.create_from_yaml(api_client, str(path))
-        except utils.FailToCreateError as error:
-            if any(e.status != 409 for e in error.api_exceptions):
+            extensions.create_custom_resource_definition(crd)
+        except ApiException as error:
+            if error.status != 409:
                 raise
+            # On a shared cluster another checkout may have installed its CRD: keep it where it has
+            # every field this checkout's tests use, replace it otherwise.
+            installed = api_client.sanitize_for_serialization(
+                extensions.read_custom_resource_definition(crd["metadata"]["name"]))
+            if not has_fields(schema_of(installed), schema_of(crd)):
+                crd["metadata"]["resourceVersion"] = installed["metadata"]["resourceVersion"]
+                extensions.replace_custom_resource_definition(crd["metadata"]["name"], crd)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
         rbac.create_cluster_role(PROFILER_ROLE)
@@ -47,7 +60,10 @@ def cluster(node_kubeconfig, api_client, emulated_plugin):
         if error.status != 409:
             raise
         created_role = False  # the chart's, on a cluster where slmpack is installed
-    emulated_plugin.start(GpuNode(sharing="mps", replicas=4))  # returns once the node shows 4 nvidia.com/gpu
+    core = client.CoreV1Api(api_client)
+    advertise(core, replicas=4, resource=GPU_RESOURCE)
+    wait(lambda: core.read_node("localhost").status.allocatable.get(GPU_RESOURCE) == "4", 60,
+         "the fake GPU on the node")
     wait(lambda: all(c.status.conditions and any(x.type == "Established" and x.status == "True"
                                                  for x in c.status.conditions)
                      for c in client.ApiextensionsV1Api(api_client).list_custom_resource_definition(
@@ -57,9 +73,21 @@ def cluster(node_kubeconfig, api_client, emulated_plugin):
         rbac.delete_cluster_role(PROFILER_ROLE["metadata"]["name"])
 
 
+def schema_of(crd: dict) -> dict:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def has_fields(installed: dict, wanted: dict) -> bool:
+    """Whether the installed schema declares every field of the wanted one."""
+    mine, theirs = wanted.get("properties") or {}, installed.get("properties") or {}
+    if "items" in wanted:
+        return has_fields(installed.get("items") or {}, wanted["items"])
+    return all(name in theirs and has_fields(theirs[name], sub) for name, sub in mine.items())
+
+
 def deployment(name, **spec):
     body = {"model": {"name": "/models/SmolLM2-135M-Instruct"}, "engine": {"device": "cpu"},
-            "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
+            "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
     body.update(spec)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": name}, "spec": body}
 
@@ -327,7 +355,7 @@ def test_a_plan_change_rolls_the_replicas_while_the_service_keeps_answering(k):
     ready_profile(k, "knee-4", knee=4)
     spec = {"model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
             "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
-            "profiling": {"profileRef": "knee-8"},
+            "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"profileRef": "knee-8"},
             "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
     with KopfRunner(operator(k.ns)) as runner:
         k.create({**deployment("roll"), "spec": spec})

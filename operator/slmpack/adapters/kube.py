@@ -29,9 +29,9 @@ API_REQUESTS = Counter("slmpack_operator_api_requests_total",
 class CountingApiClient(client.ApiClient):
     """The client library's ApiClient, counting each request it sends."""
 
-    def request(self, method, url, *args, **kwargs):
+    def call_api(self, method, url, *args, **kwargs):
         API_REQUESTS.labels(method).inc()
-        return super().request(method, url, *args, **kwargs)
+        return super().call_api(method, url, *args, **kwargs)
 
 
 class Conflict(Exception):
@@ -80,9 +80,14 @@ class Kube:
     def apply(self, obj: dict) -> dict:
         """Server-side apply of the whole desired object."""
         meta = obj["metadata"]
-        result = self._resource(obj).server_side_apply(
-            body=obj, name=meta["name"], namespace=meta.get("namespace"),
-            field_manager=FIELD_MANAGER, force_conflicts=True)
+        try:
+            result = self._resource(obj).server_side_apply(
+                body=obj, name=meta["name"], namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER, force_conflicts=True)
+        except ApiException as error:
+            if error.status == 409:  # another writer created it between this apply's read and its create
+                raise Conflict(f"{obj['kind']} {meta.get('namespace')}/{meta['name']}: {error.reason}") from None
+            raise
         return result.to_dict()
 
     def create_if_absent(self, obj: dict) -> dict | None:

@@ -57,6 +57,8 @@ MAX_ROUNDS = 3
 # While a profile is measured, look again now and then even if no event comes (a missed watch event).
 PROFILING_RESYNC_SECONDS = 60
 CONFLICT_RETRY_SECONDS = 0.2
+# Events that announce an object the decision creates: posted only by the reconcile that created it.
+CREATION_EVENTS = {"ProfileCreated": "SLMProfile", "ProfilingStarted": "Job"}
 
 RECONCILES = Counter("slmpack_operator_reconciles_total", "SLMDeployment reconciles, by outcome.", ["outcome"])
 ERRORS = Counter("slmpack_operator_errors_total", "Reconciles that raised an unexpected error.")
@@ -119,9 +121,14 @@ async def node_index(body, spec, **_):
     return None if spec.get("unschedulable") else {None: gpu_node(body)}
 
 
+# The children the operator follows, to skip applying what did not change: a StatefulSet by its
+# generation (its status changes with every replica), a Service by its resourceVersion.
+CHILD_VERSIONS = {"StatefulSet": ("statefulset_index", "generation"), "Service": ("service_index", "resourceVersion")}
+
+
 @kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
 async def statefulset_index(namespace, name, meta, **_):
-    return {("StatefulSet", namespace, name): meta.get("resourceVersion")}
+    return {("StatefulSet", namespace, name): meta.get("generation")}
 
 
 @kopf.index("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
@@ -134,10 +141,6 @@ async def packs_by_deployment(namespace, name, uid, labels, **_):
     """The packs' StatefulSets of each deployment: one no longer wanted is deleted."""
     return {(namespace, labels[DEPLOYMENT_LABEL]): {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                                     "metadata": {"name": name, "namespace": namespace, "uid": uid}}}
-
-
-# The children whose resourceVersion the operator follows, to skip applying what did not change.
-CHILD_INDICES = {"StatefulSet": "statefulset_index", "Service": "service_index"}
 
 
 @kopf.index("", "v1", "pods", labels={PROFILE_LABEL: kopf.PRESENT, "job-name": kopf.PRESENT})
@@ -205,9 +208,9 @@ class Controller:
     queue: WorkQueue = field(default_factory=lambda: WorkQueue(base_delay=0.05))
     leader: LeaderElection | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
-    # What was last applied per child, and the resourceVersion the apply returned: an unchanged
-    # desired object over an unchanged child is not sent again.
-    applied: dict[tuple, tuple[str, str]] = field(default_factory=dict)
+    # What was last applied per child, and the version the apply returned: an unchanged desired
+    # object over an unchanged child is not sent again.
+    applied: dict[tuple, tuple[str, str | int]] = field(default_factory=dict)
     engines: EngineMetrics = field(default_factory=EngineMetrics)
 
     def start(self) -> None:
@@ -280,7 +283,9 @@ class Controller:
         for _ in range(MAX_ROUNDS):
             decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
             created = self.act(decision)
-            events += decision.events
+            kinds = {obj["kind"] for obj in created}
+            # A create that found the object there already (made by a concurrent reconcile) is no news.
+            events += [e for e in decision.events if CREATION_EVENTS.get(e.reason, "any") in kinds | {"any"}]
             if not created:
                 break
             body = with_status(body, decision.status)
@@ -327,11 +332,12 @@ class Controller:
         meta = obj["metadata"]
         child = (obj["kind"], meta.get("namespace"), meta["name"])
         digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-        index = CHILD_INDICES.get(obj["kind"])
+        index, version = CHILD_VERSIONS.get(obj["kind"], (None, None))
         if index and self.applied.get(child) == (digest, self.one(index, child)):
             return  # the same desired object over a child nobody changed since
         result = self.kube.apply(obj)
-        self.applied[child] = (digest, result["metadata"]["resourceVersion"])
+        if version:
+            self.applied[child] = (digest, result["metadata"].get(version))
 
 
 def key_of(body: dict) -> Key:
