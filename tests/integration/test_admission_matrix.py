@@ -70,9 +70,10 @@ def pods_report(core: client.CoreV1Api, namespace: str, selector: str, count: in
         time.sleep(1)
 
 
+# The node configuration changes slowest: each change restarts the plugin.
+@pytest.mark.parametrize("fixed", [None, 2], ids=["profiling-job", "two-replicas"])
 @pytest.mark.parametrize("sharing, replicas_per_gpu, gpus", CONFIGURATIONS,
                          ids=[f"{s}-r{r}-g{g}" for s, r, g in CONFIGURATIONS])
-@pytest.mark.parametrize("fixed", [None, 2], ids=["profiling-job", "two-replicas"])
 def test_rendered_pods_are_admitted_or_refused_before_creation(gpu_node, emulated_plugin, busybox_image, api_client,
                                                                namespace, tmp_path, sharing, replicas_per_gpu, gpus,
                                                                fixed):

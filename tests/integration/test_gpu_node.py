@@ -5,7 +5,10 @@ plugin's real Allocate, so each test shows a user-visible outcome: Running with 
 these mounts, or Failed with UnexpectedAdmissionError.
 """
 
-import time
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 from kubernetes import client
@@ -13,6 +16,7 @@ from kubernetes import client
 from slmpack import GPU_UUIDS_ANNOTATION
 from slmpack.exporter.gpu_annotations import GpuAnnotator, annotation_patches, gpu_uuids, pod_resources_lister
 from slmpack.exporter.pods import DEPLOYMENT_LABEL
+from tests.fixtures.cluster import wait
 
 pytestmark = pytest.mark.node
 
@@ -30,15 +34,6 @@ def gpu_pod(name: str, image: str, slots: int = 1, labels: dict | None = None) -
                                      "resources": {"limits": {"nvidia.com/gpu": str(slots)}}}]}}
 
 
-def wait(predicate, seconds=90, what="condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-
-
 def run(core: client.CoreV1Api, namespace: str, pod: dict) -> dict[str, str]:
     """Create the pod, wait until it reports, return what it printed (key=value lines)."""
     name = pod["metadata"]["name"]
@@ -52,7 +47,7 @@ def run(core: client.CoreV1Api, namespace: str, pod: dict) -> dict[str, str]:
         text = core.read_namespaced_pod_log(name, namespace)
         return text if "limits=" in text else None
 
-    text = wait(report, what=f"pod {name} to run and report")
+    text = wait(report, 90, f"pod {name} to run and report")
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
@@ -84,7 +79,7 @@ def test_mps_refuses_a_pod_asking_for_two_slots(gpu_node, busybox_image, core, n
     gpu_node(gpus=1, sharing="mps", replicas=4)
     core.create_namespaced_pod(namespace, gpu_pod("profiler", busybox_image, slots=2))
     status = wait(lambda: (s := core.read_namespaced_pod("profiler", namespace).status).phase == "Failed" and s,
-                  what="the kubelet to refuse the pod")
+                  90, "the kubelet to refuse the pod")
     assert status.reason == "UnexpectedAdmissionError"
     assert "maximum request size for shared resources is 1; found 2" in status.message
 
@@ -129,3 +124,26 @@ def test_engine_pods_are_annotated_with_the_gpus_the_kubelet_gave_them(gpu_node,
         assert core.read_namespaced_pod(name, namespace).metadata.annotations[GPU_UUIDS_ANNOTATION] == uuid
     assert not (core.read_namespaced_pod("not-an-engine", namespace).metadata.annotations or {})
     assert annotator.sync() == 0 and annotation_patches(gpu_uuids(pod_resources()), engine_pods()) == []
+
+
+def test_the_exporter_process_annotates_engine_pods(gpu_node, busybox_image, core, namespace, emulated_plugin,
+                                                    node_kubeconfig, tmp_path):
+    gpu_node(gpus=2, sharing="time-slicing", replicas=2)
+    visible = run(core, namespace, gpu_pod("chat-0", busybox_image, labels={DEPLOYMENT_LABEL: "chat"}))["visible"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "exporter.log"
+    with open(log, "wb") as out:
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "slmpack.cli", "exporter", "--address", "127.0.0.1", "--port", str(port),
+             "--fake-devices", "1:1", "--node-name", "localhost", "--annotate-interval-seconds", "1",
+             "--pod-resources-socket", str(emulated_plugin.kubelet_root / "pod-resources" / "kubelet.sock")],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
+    try:
+        annotated = wait(lambda: (core.read_namespaced_pod("chat-0", namespace).metadata.annotations or {}).get(
+            GPU_UUIDS_ANNOTATION), 60, "the exporter to annotate the engine pod")
+    finally:
+        exporter.terminate()
+        exporter.wait(10)
+    assert annotated == visible, log.read_text()[-2000:]

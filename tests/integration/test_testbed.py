@@ -1,11 +1,12 @@
 """The test bed itself: what operators rely on, checked against the real apiserver and node."""
 
-import time
 import urllib.request
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+from tests.fixtures.cluster import wait
 
 pytestmark = pytest.mark.cluster
 
@@ -20,15 +21,6 @@ WIDGET_CRD = {
                                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}},
                                "status": {"type": "object", "properties": {"seen": {"type": "integer"}}}}}}}]},
 }
-
-
-def wait(predicate, seconds=60, what="condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,15 @@ def start_annotator(args: argparse.Namespace) -> None:
     import threading
     from pathlib import Path
 
+    from slmpack import GPU_UUIDS_ANNOTATION
     from slmpack.exporter.gpu_annotations import GpuAnnotator, engine_pods_api, pod_resources_lister
 
     socket = Path(args.pod_resources_socket)
-    if args.fake_devices or not args.node_name or args.annotate_interval_seconds <= 0:
+    # Also with --fake-devices: on a test bed the GPUs are emulated but the kubelet's answer is real.
+    if not args.node_name or args.annotate_interval_seconds <= 0:
         return
     if not socket.exists():
-        log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, "slmpack.dev/gpu-uuids")
+        log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, GPU_UUIDS_ANNOTATION)
         return
     try:
         annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
