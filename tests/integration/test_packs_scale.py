@@ -1,7 +1,9 @@
 """Packs and the scale subresource on the real apiserver: `kubectl scale slmd/NAME --replicas=P` sets the packs,
 and the operator converges to one StatefulSet per pack."""
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tests.integration.test_operator import (  # noqa: F401 (the module's cluste
     cluster,
     deployment,
     operator,
+    ready_profile,
     wait,
 )
 
@@ -22,6 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 CRD = "slmdeployments.slmpack.dev"
+ENGINE_CPU = "slmpack/engine-cpu:0.1.0"  # only its python3 runs: the stand-in below takes vLLM's place
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,79 @@ def test_kubectl_explain_names_packs_as_the_unit_of_scale(scalable, node_kubecon
 
     assert "The unit of the scale subresource" in wait(lambda: "unit of" in explained() and explained(), 60,
                                                        "kubectl explain to show spec.packs")
+
+
+# A stand-in for vLLM's OpenAI server, found first on PYTHONPATH: it answers /health and serves vLLM's
+# load gauges on /metrics, with the requests running read from a file the test writes.
+FAKE_SERVER = '''
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+LOAD = Path(__file__).resolve().parents[4] / "load"  # /models/load
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/metrics":
+            running = LOAD.read_text().strip()
+            body = ("# TYPE vllm:num_requests_running gauge\\n"
+                    f'vllm:num_requests_running{{model_name="m",engine="0"}} {running}\\n'
+                    "# TYPE vllm:num_requests_waiting gauge\\n"
+                    'vllm:num_requests_waiting{model_name="m",engine="0"} 0.0\\n').encode()
+        else:
+            body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_engines():
+    """A host directory (the node is this machine) holding the stand-in server and the load file."""
+    root = Path(tempfile.mkdtemp(prefix="slmpack-fake-vllm-"))
+    server = root / "python" / "vllm" / "entrypoints" / "openai"
+    server.mkdir(parents=True)
+    for package in (root / "python" / "vllm", server.parent, server):
+        (package / "__init__.py").write_text("")
+    (server / "api_server.py").write_text(FAKE_SERVER)
+    (root / "load").write_text("0")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755)  # the engine runs as a non-root user
+    yield root
+    shutil.rmtree(root)
+
+
+def test_the_autoscaler_fills_a_pack_then_takes_another_and_scales_in_after_the_cooldown(k, fake_engines):
+    ready_profile(k, "knee-8", knee=8)
+    body = deployment("auto", replicas="auto", engine={"device": "cpu", "image": ENGINE_CPU,
+                                                       "env": [{"name": "PYTHONPATH", "value": "/models/python"}]},
+                      model={"name": "/models/m", "volume": {"hostPath": str(fake_engines)}},
+                      profiling={"profileRef": "knee-8"},
+                      autoscaling={"maxPacks": 2, "periodSeconds": 5, "scaleInCooldownSeconds": 0})
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(body)
+        status = wait(lambda: k.status("auto").get("autoscaling") and k.status("auto"), 60, "the autoscaler")
+        per_pack = status["plan"]["replicas"]
+        assert per_pack == 2 and pack_sets(k) == ["auto"] and k.statefulset("auto").spec.replicas == 1
+        wait(lambda: k.status("auto").get("readyReplicas") == 1, 180, "the first replica ready")
+        (fake_engines / "load").write_text("30")  # far above 80 % of the knee batch of 8
+        wait(lambda: k.statefulset("auto").spec.replicas == 2, 60, "a second replica in the first pack")
+        assert pack_sets(k) == ["auto"], "the first pack's free slot is used before another GPU"
+        wait(lambda: pack_sets(k) == ["auto", "auto-pack-1"], 180, "a second pack once the first is full")
+        (fake_engines / "load").write_text("0")
+        wait(lambda: pack_sets(k) == ["auto"], 180, "the second pack removed after the load falls")
+        wait(lambda: k.statefulset("auto").spec.replicas == 1, 60, "one replica left")
+        reasons = [e.reason for e in k.core.list_namespaced_event(k.ns).items]
+        assert {"ScaledUp", "ScaledDown"} <= set(reasons)
+        # The first scale-up filled the first pack's free slot. (Which decision opened the second pack depends on
+        # the shared node's sharing slots at that moment, which other tests may relabel; test_autoscale pins it.)
+        messages = [e.message for e in sorted(k.core.list_namespaced_event(k.ns).items, key=lambda e: e.first_timestamp)
+                    if e.reason == "ScaledUp"]
+        assert "PackHasFreeSlots" in messages[0] and "1 -> 2 replicas" in messages[0]
+    assert runner.exception is None, runner.output
