@@ -11,7 +11,9 @@ import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client
 
+from tests.fixtures.fake_gpu import advertise
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
+    GPU_RESOURCE,
     Cluster,
     cluster,
     deployment,
@@ -150,6 +152,9 @@ def fake_engines():
 
 
 def test_the_autoscaler_fills_a_pack_then_takes_another_and_scales_in_after_the_cooldown(k, fake_engines):
+    # The shared node's GPU labels, as this module's fixture set them: other tests relabel the node, and a pack's
+    # slots follow its nvidia.com/gpu.replicas.
+    advertise(k.core, replicas=4, resource=GPU_RESOURCE)
     ready_profile(k, "knee-8", knee=8)
     body = deployment("auto", replicas="auto", engine={"device": "cpu", "image": ENGINE_CPU,
                                                        "env": [{"name": "PYTHONPATH", "value": "/models/python"}]},
