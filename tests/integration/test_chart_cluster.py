@@ -1,6 +1,6 @@
-"""The chart on the real local cluster: two releases side by side, and an upgrade from the
-previous chart version under a live SLMDeployment, after which the release's own Prometheus
-(Debian's, discovering pods by annotation) evaluates joules per token and every dashboard query.
+"""The chart on the real local cluster: two releases side by side; an upgrade from the previous
+chart version under a live SLMDeployment; and the release's own Prometheus (Debian's, discovering
+pods by annotation) evaluating joules per token and every dashboard query from a live engine.
 
 The previous version is the chart as main last shipped it before 0.2.0, taken from git history.
 """
@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.fixtures.cluster import local_image
+from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
 
@@ -153,7 +154,22 @@ def query(url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_everything(
+def serve(api_client, app_namespace: str) -> client.V1Pod:
+    """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod."""
+    core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+    node = core.read_node("localhost")
+    if int(node.status.allocatable.get("nvidia.com/gpu") or 0) == 0 or \
+            "nvidia.com/gpu.sharing-strategy" not in (node.metadata.labels or {}):
+        advertise(core, replicas=4)
+    for tag in SERVING_IMAGES:
+        local_image(tag)
+    custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
+    wait(lambda: available(custom, app_namespace), 900, "the SLMDeployment to become Available")
+    assert complete(core, app_namespace)
+    return core.read_namespaced_pod(f"{NAME}-0", app_namespace)
+
+
+def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
         node_kubeconfig, namespace, app_namespace, api_client, releases, tmp_path):
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     rbac = client.RbacAuthorizationV1Api(api_client)
@@ -165,27 +181,18 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
     except ApiException as error:
         if error.status != 404:
             raise
-    if not core.read_node("localhost").status.allocatable.get("nvidia.com/gpu"):
-        from tests.fixtures.fake_gpu import advertise
-        advertise(core, replicas=4)
-    for tag in SERVING_IMAGES:
-        local_image(tag)
     release = f"r{uuid.uuid4().hex[:6]}"
 
     # Chart 0.1.0 with a live, serving SLMDeployment.
     run(node_kubeconfig, HELM, "install", release, previous_chart(tmp_path), "--namespace", namespace, "--wait",
         "--timeout", "5m", *release_values(app_namespace))
     releases.append((release, namespace))
-    custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
-    wait(lambda: available(custom, app_namespace), 900, "the SLMDeployment to become Available")
-    engine = core.read_namespaced_pod(f"{NAME}-0", app_namespace)
-    assert complete(core, app_namespace)
+    engine = serve(api_client, app_namespace)
 
     # The documented upgrade: CRDs first (helm never upgrades crds/), then the chart.
     run(node_kubeconfig, KUBECTL, "apply", "--server-side", "--force-conflicts", "-f", CHART / "crds")
     run(node_kubeconfig, HELM, "upgrade", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
-        *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
-        "--set", "monitoring.prometheus.scrapeInterval=2s")
+        *release_values(app_namespace))
 
     # The engine kept running through it, and still answers.
     after = core.read_namespaced_pod(f"{NAME}-0", app_namespace)
@@ -197,6 +204,20 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
     core.delete_namespaced_service(NAME, app_namespace)
     core.patch_namespaced_pod(f"{NAME}-0", app_namespace, {"metadata": {"annotations": {"test/poke": "1"}}})
     wait(lambda: core.read_namespaced_service(NAME, app_namespace), 120, "the operator to re-create the Service")
+    assert complete(core, app_namespace)
+
+
+def test_the_releases_prometheus_discovers_the_pods_and_evaluates_joules_per_token(
+        node_kubeconfig, namespace, app_namespace, api_client, releases):
+    core = client.CoreV1Api(api_client)
+    for tag in SERVING_IMAGES:  # before the install, which waits for Prometheus to be ready
+        local_image(tag)
+    release = f"r{uuid.uuid4().hex[:6]}"
+    run(node_kubeconfig, HELM, "install", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
+        *release_values(app_namespace), "--set", "monitoring.prometheus.enabled=true",
+        "--set", "monitoring.prometheus.scrapeInterval=2s")
+    releases.append((release, namespace))
+    serve(api_client, app_namespace)
 
     # The release's Prometheus discovered the exporter and the engine by annotation.
     prometheus = wait(lambda: next((p.status.pod_ip for p in core.list_namespaced_pod(
@@ -205,13 +226,13 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
         180, "the release's Prometheus to be ready")
     url = f"http://{prometheus}:9090"
 
-    def jobs_up():
+    def scraped():
         targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-        return {(t["labels"]["job"], t["labels"].get("pod", "")) for t in targets if t["health"] == "up"}
+        up = {(t["labels"]["job"], t["labels"].get("component") or t["labels"].get("pod")) for t in targets
+              if t["health"] == "up"}
+        return up if {("slmpack-engines", f"{NAME}-0"), ("slmpack", "exporter")} <= up else None
 
-    found = wait(lambda: (jobs := jobs_up()) >= {("slmpack-engines", f"{NAME}-0")} and any(
-        j == "slmpack" for j, _ in jobs) and jobs, 120, "the exporter and the engine to be scraped")
-    assert ("slmpack-engines", f"{NAME}-0") in found
+    wait(scraped, 120, "the exporter and the engine to be scraped")
 
     # Traffic across scrapes; then the J/token rule evaluates from the discovered series.
     for _ in range(4):
@@ -226,4 +247,3 @@ def test_upgrade_from_the_previous_chart_keeps_serving_then_prometheus_finds_eve
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             assert wait(lambda e=target["expr"]: query(url, e), 120, f"panel {panel['title']!r}: {target['expr']}")
-

@@ -172,19 +172,18 @@ def test_values_name_dockerfiles_and_stages_that_exist():
 
 # ---------------------------------------------------------------- RBAC against the operator's calls
 #
-# The operator's API calls are read from its code: the Kube adapter methods the handlers call
-# (each one's client method gives the verb and resource), the objects they apply or create (the
-# kinds the manifest builders return), the owners they point children at, and the resources kopf
-# watches and patches for the handlers. The chart must grant exactly those.
+# The operator's API calls are read from its code: the Kube adapter methods the controller uses
+# (each one's client method gives the verb and resource), the objects it applies or creates (the
+# kinds returned by the manifest builders that the pure decision calls), the owners those objects
+# point at, and the resources kopf lists and watches for the indices and event handlers. The chart
+# must grant exactly those.
 
 OPERATOR = ROOT / "operator" / "slmpack"
+CONTROLLER = [OPERATOR / "controller" / name for name in ("handlers.py", "leader.py")]
 CLIENT_VERBS = {"list": "list", "read": "get", "get": "get", "create": "create", "patch": "patch", "replace": "update",
                 "delete": "delete"}
-CLIENT_GROUPS = {"core": "", "batch": "batch", "apps": "apps", "custom": "slmpack.dev"}
-# kopf's own calls (kopf/_cogs/clients): it lists and watches every resource with a handler,
-# patches the objects of changing handlers (progress and diff-base annotations, and status), and
-# posts Events for kopf.info/warn and for handler failures.
-KOPF_CHANGING = {"create", "update", "resume", "delete", "field"}
+CLIENT_GROUPS = {"core": "", "batch": "batch", "apps": "apps", "coordination": "coordination.k8s.io"}
+DRA_GROUP = "resource.k8s.io"
 
 
 def _tree(path: Path) -> ast.Module:
@@ -199,33 +198,65 @@ def _crd_plurals() -> set[str]:
     return {yaml.safe_load(p.read_text())["spec"]["names"]["plural"] for p in (ROOT / "crds").glob("*.yaml")}
 
 
-def _kube_method_calls(name: str, methods: dict, plurals: set[str]) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of one Kube adapter method, following its self._helper calls."""
-    found, literals, clients = set(), set(), []
-    for node in ast.walk(methods[name]):
-        if isinstance(node, ast.Constant) and node.value in plurals:
-            literals.add(node.value)
+def _kube_method_calls(method: ast.FunctionDef, plurals: set[str]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of one Kube adapter method's client calls."""
+    found = set()
+    for node in ast.walk(method):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         target = node.func.value
-        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self" \
-                and target.attr in CLIENT_GROUPS:
-            clients.append((target.attr, node.func.attr))
-        elif isinstance(target, ast.Name) and target.id == "self" and node.func.attr in methods \
-                and node.func.attr.startswith("_"):
-            clients += [("helper", node.func.attr)]
-    for api, method in clients:
-        if api == "helper":
-            inner = _kube_method_calls(method, methods, plurals)
-            found |= {(g, r.replace("*", plural), v) for g, r, v in inner for plural in literals} if any(
-                "*" in r for _, r, _ in inner) else inner
+        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
+                and target.attr in {*CLIENT_GROUPS, "custom"}):
             continue
-        match = re.fullmatch(r"(list|read|get|create|patch|replace|delete)_(?:namespaced_)?(\w+?)(_status)?", method)
-        assert match, f"Kube.{name} calls {api}.{method}, which this test cannot read"
-        verb, resource, status = CLIENT_VERBS[match[1]], match[2], match[3] or ""
-        resources = (literals or {"*"}) if resource == "custom_object" else {resource + "s"}
-        found |= {(CLIENT_GROUPS[api], r + ("/status" if status else ""), verb) for r in resources}
+        match = re.fullmatch(r"(list|read|get|create|patch|replace|delete)_(?:namespaced_|cluster_)?(\w+?)(_status)?",
+                             node.func.attr)
+        assert match, f"Kube.{method.name} calls {target.attr}.{node.func.attr}, which this test cannot read"
+        verb, resource, status = CLIENT_VERBS[match[1]], match[2], "/status" if match[3] else ""
+        if target.attr == "custom":
+            plural = next(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                          and a.value.endswith("s"))
+            found.add(("slmpack.dev" if plural in plurals else DRA_GROUP, plural + status, verb))
+        else:
+            found.add((CLIENT_GROUPS[target.attr], resource + "s" + status, verb))
     return found
+
+
+def _built_kinds() -> dict[str, set[tuple[str, str]]]:
+    """(group, kind) of the top-level objects each manifest builder returns."""
+    import slmpack.core.manifests as manifests
+
+    kinds = {}
+    for module in ("manifests", "dra"):
+        for function in _tree(OPERATOR / "core" / f"{module}.py").body:
+            if not (isinstance(function, ast.FunctionDef) and function.name.startswith("build_")):
+                continue
+            kinds[function.name] = set()
+            for node in ast.walk(function):
+                if isinstance(node, ast.Dict):
+                    keys = {k.value: v for k, v in zip(node.keys, node.values, strict=True)
+                            if isinstance(k, ast.Constant)}
+                    if {"apiVersion", "kind", "metadata"} <= keys.keys():
+                        version = keys["apiVersion"]
+                        if isinstance(version, ast.Constant):
+                            group = version.value.rpartition("/")[0]
+                        elif hasattr(manifests, version.id):
+                            group = getattr(manifests, version.id).rpartition("/")[0]
+                        else:  # DRA objects are written in the newest version the cluster serves
+                            group = DRA_GROUP
+                        kinds[function.name].add((group, keys["kind"].value))
+    return kinds
+
+
+def _decision_writes(function: ast.FunctionDef):
+    """("create" | "apply", expression) for each `...create.append(x)`, `...create += x` (and apply)."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("append",
+                                                                                                     "extend") \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in ("create", "apply"):
+            yield node.func.value.attr, node.args[0]
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute) \
+                and node.target.attr in ("create", "apply"):
+            yield node.target.attr, node.value
 
 
 def _resolve_builders(function: ast.FunctionDef, expr: ast.AST, seen=frozenset()) -> set[str]:
@@ -234,90 +265,51 @@ def _resolve_builders(function: ast.FunctionDef, expr: ast.AST, seen=frozenset()
              and n.func.id.startswith("build_")}
     for variable in {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} - seen:
         for node in ast.walk(function):
-            sources = []
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
-                sources.append(node.value)
-            if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and node.target.id == variable:
-                sources.append(node.iter)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == variable:
-                sources += node.args
-            for source in sources:
-                names |= _resolve_builders(function, source, seen | {variable})
+                names |= _resolve_builders(function, node.value, seen | {variable})
     return names
 
 
-def _built_kinds() -> dict[str, set[tuple[str, str]]]:
-    """(apiVersion, kind) of the top-level objects each manifest builder returns."""
-    import slmpack.core.manifests as manifests
-
-    kinds = {}
-    for function in _tree(OPERATOR / "core/manifests.py").body:
-        if not (isinstance(function, ast.FunctionDef) and function.name.startswith("build_")):
-            continue
-        kinds[function.name] = set()
-        for node in ast.walk(function):
-            if isinstance(node, ast.Dict):
-                keys = {k.value: v for k, v in zip(node.keys, node.values, strict=True)
-                        if isinstance(k, ast.Constant)}
-                if {"apiVersion", "kind", "metadata"} <= keys.keys():
-                    version = keys["apiVersion"]
-                    version = version.value if isinstance(version, ast.Constant) else getattr(manifests, version.id)
-                    kinds[function.name].add((version, keys["kind"].value))
-    return kinds
-
-
-def _group(api_version: str) -> str:
-    return api_version.rpartition("/")[0]
-
-
 def operator_calls() -> set[tuple[str, str, str]]:
-    from slmpack import API_GROUP
-
     plurals = _crd_plurals()
     kube_methods = _methods(next(c for c in _tree(OPERATOR / "adapters/kube.py").body
                                  if isinstance(c, ast.ClassDef) and c.name == "Kube"))
-    handlers = _tree(OPERATOR / "controller/handlers.py")
+    controller = [_tree(path) for path in CONTROLLER]
+    decision = [_tree(OPERATOR / "core" / name) for name in ("decide.py", "dra.py")]
     built = _built_kinds()
+    used = {node.attr for tree in controller for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in kube_methods
+            and (isinstance(node.value, ast.Attribute) and node.value.attr == "kube"
+                 or isinstance(node.value, ast.Name) and node.value.id == "kube")}
+    assert {"apply", "create_if_absent"} <= used, "the controller's writes are not where this test looks"
     calls: set[tuple[str, str, str]] = set()
-    functions = [f for f in ast.walk(handlers) if isinstance(f, ast.FunctionDef)]
-    for function in functions:
-        for node in ast.walk(function):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                continue
-            on = node.func.value
-            via_kube = (isinstance(on, ast.Attribute) and on.attr == "kube") or \
-                       (isinstance(on, ast.Call) and isinstance(on.func, ast.Name) and on.func.id == "kube")
-            if not via_kube:
-                continue
-            method = node.func.attr
-            if method in ("apply", "create_if_absent"):
-                verbs = {"create", "patch"} if method == "apply" else {"create"}  # apply may create
-                builders = _resolve_builders(function, node.args[0])
-                assert builders, f"{function.name}: cannot tell what Kube.{method} writes"
-                for builder in builders:
-                    for version, kind in built[builder]:
-                        calls |= {(_group(version), kind.lower() + "s", verb) for verb in verbs}
-                        if kind == "RoleBinding":  # to a ClusterRole the operator does not itself hold
-                            calls.add(("rbac.authorization.k8s.io", "clusterroles", "bind"))
-            else:
-                calls |= _kube_method_calls(method, kube_methods, plurals)
+    for method in used - {"apply", "create_if_absent"}:
+        calls |= _kube_method_calls(kube_methods[method], plurals)
+    # What the decision creates, and what it applies (apply may create): the builders whose results
+    # flow into its `create` and `apply` lists.
+    for tree in decision:
+        for function in (f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)):
+            for target, expr in _decision_writes(function):
+                verbs = {"create"} if target == "create" else {"create", "patch"}
+                for builder in _resolve_builders(function, expr):
+                    for group, kind in built[builder]:
+                        calls |= {(group, kind.lower() + "s", verb) for verb in verbs}
+    if ("rbac.authorization.k8s.io", "rolebindings", "create") in calls:
+        # to a ClusterRole the operator does not itself hold
+        calls.add(("rbac.authorization.k8s.io", "clusterroles", "bind"))
     # Children point at their owner with blockOwnerDeletion, which needs update on its finalizers.
-    for node in ast.walk(handlers):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Owner":
-            kind = next(k.value.value for k in node.keywords if k.arg == "kind")
-            calls.add((API_GROUP, kind.lower() + "s/finalizers", "update"))
-    # kopf's calls for the handlers it runs.
-    for node in ast.walk(handlers):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "on" and len(node.args) >= 3:
-            group, _, plural = (a.value if isinstance(a, ast.Constant) else API_GROUP for a in node.args[:3])
-            calls |= {(group, plural, "list"), (group, plural, "watch")}
-            if node.func.attr in KOPF_CHANGING:
-                calls |= {(group, plural, "patch"), (group, plural + "/status", "patch"), ("", "events", "create")}
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kopf" \
-                and node.attr in ("info", "warn", "event", "exception"):
-            calls.add(("", "events", "create"))
+    for tree in decision:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Owner":
+                kind = next(k.value.value for k in node.keywords if k.arg == "kind")
+                calls.add(("slmpack.dev", kind.lower() + "s/finalizers", "update"))
+    # kopf lists and watches every resource with an index or an event handler.
+    for tree in controller:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and len(node.args) >= 3 \
+                    and node.func.attr in ("index", "event"):
+                group, _, plural = (a.value if isinstance(a, ast.Constant) else "slmpack.dev" for a in node.args[:3])
+                calls |= {(group, plural, "list"), (group, plural, "watch")}
     return calls
 
 

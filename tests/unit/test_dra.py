@@ -34,7 +34,7 @@ from slmpack.core.manifests import Owner, build_statefulset
 
 ROOT = Path(__file__).resolve().parents[2]
 SLICES = ROOT / "tests" / "data" / "dra"
-PROFILE_FILE = ROOT / "tests" / "data" / "profiles" / "smollm2-360m-h100.yaml"
+PROFILE_FILE = ROOT / "tests" / "data" / "profiles" / "smollm2-360m-h100-dra.yaml"
 EXAMPLE = ROOT / "examples" / "slmdeployment-dra.yaml"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 ALL_VERSIONS = ("resource.k8s.io/v1", "resource.k8s.io/v1beta2", "resource.k8s.io/v1beta1")
@@ -363,7 +363,7 @@ def test_a_new_plan_gets_a_new_claim_the_pods_roll_over_and_the_old_claim_goes_w
     running = pods(*[a["metadata"]["name"]] * 4)
     stored_a = as_stored(a, [p.name for p in running])
     steady = decide(body, cluster(profiles=profile, pods=running, resource_claims=(stored_a,)), NOW)
-    assert steady.create == [a] and steady.delete == []
+    assert steady.create == [a] and steady.delete == [] and steady.retry_after_seconds is None
 
     # 2. The spec fixes 2 replicas: a new plan, so a new claim B; A stays while its pods run.
     body = {**body, "metadata": {**body["metadata"], "generation": 2}, "spec": {**body["spec"], "replicas": 2}}
@@ -381,18 +381,20 @@ def test_a_new_plan_gets_a_new_claim_the_pods_roll_over_and_the_old_claim_goes_w
     rolling = pods(a["metadata"]["name"], b["metadata"]["name"])
     stored_b = as_stored(b, ["smollm2-dra-1"])
     claims_ = (as_stored(a, ["smollm2-dra-0"]), stored_b)
-    assert decide(body, cluster(profiles=profile, pods=rolling, resource_claims=claims_), NOW).delete == []
+    mid = decide(body, cluster(profiles=profile, pods=rolling, resource_claims=claims_), NOW)
+    assert mid.delete == [] and mid.retry_after_seconds == 30  # looks again while A is held
 
     # 4. Pod 0 is gone but the scheduler has not yet released A: still kept.
     moved = pods(b["metadata"]["name"], b["metadata"]["name"])
     claims_ = (as_stored(a, ["smollm2-dra-0"]), as_stored(b, [p.name for p in moved]))
-    assert decide(body, cluster(profiles=profile, pods=moved, resource_claims=claims_), NOW).delete == []
+    releasing = decide(body, cluster(profiles=profile, pods=moved, resource_claims=claims_), NOW)
+    assert releasing.delete == [] and releasing.retry_after_seconds == 30
 
     # 5. No pod names A and nothing reserves it: A is deleted as read, B never.
     released = as_stored(a, [])
     last = decide(body, cluster(profiles=profile, pods=moved,
                                 resource_claims=(released, as_stored(b, [p.name for p in moved]))), NOW)
-    assert last.delete == [released]
+    assert last.delete == [released] and last.retry_after_seconds is None
     assert ("ResourceClaimReleased", False) in [(e.reason, e.warning) for e in last.events]
     assert condition(last, "Available").status == "True"
 

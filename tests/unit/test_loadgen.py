@@ -36,3 +36,24 @@ def test_a_point_where_every_request_failed_keeps_the_cause():
     assert point.failed == 2 and point.completed in (0, None)
     assert "Connect" in point.error
     assert point.output_throughput_tokens_per_s in (0, None)
+
+
+def test_enough_stops_the_loop_and_only_requests_before_it_are_measured():
+    endpoint = Endpoint(base_url=f"http://127.0.0.1:{closed_port()}", model="m")
+    marks = []
+    results, _ = asyncio.run(closed_loop([endpoint], concurrency=2, requests=50,
+                                         workload=Workload(input_tokens=8, output_tokens=4), timeout_s=5,
+                                         enough=lambda done, started: len(done) >= 6,
+                                         on_start=lambda: marks.append("start"), on_end=lambda: marks.append("end")))
+    assert len(results) == 6  # not 50: the loop stopped, and the request still running was not counted
+    assert marks == ["start", "end"]
+
+
+def test_window_throughputs_are_batch_means_of_completions():
+    from slmpack.core.summary import RequestResult, window_throughputs
+
+    done = [RequestResult(output_tokens=10, finished_at_s=t) for t in (1, 1, 2, 2, 3, 3, 3.5)]
+    # Windows of two completions: 20 tokens over [0,1], [1,2], [2,3]; the last, incomplete window is left out.
+    assert window_throughputs(done, started_at_s=0, window=2) == [20, 20, 20]
+    failed = [RequestResult(error="x", finished_at_s=0.5)]
+    assert window_throughputs(failed + done[:2], started_at_s=0, window=2) == [20]

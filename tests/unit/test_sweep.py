@@ -47,3 +47,31 @@ def test_grid_bounds_and_explicit_sizes():
         batch_grid(1, 1, [4, 8, 4])
     with pytest.raises(ValueError, match="min batch 64 is larger than max batch 8"):
         batch_grid(64, 8)
+
+
+def test_profile_phase_comes_from_its_conditions():
+    from datetime import UTC, datetime
+
+    from slmpack.core import profile_status
+
+    now = datetime.now(UTC)
+    assert profile_status.derive_phase([]) == "Pending"
+    running = profile_status.in_progress([], "measuring batch 8", now)
+    assert profile_status.derive_phase(running) == "Profiling"
+    done = profile_status.measured(running, "knee at 64", now)
+    assert profile_status.derive_phase(done) == "Ready"
+    broken = profile_status.failed(done, "EngineFailed", "the engine exited with code 1", now)
+    assert profile_status.derive_phase(broken) == "Failed"
+    failed = next(c for c in broken if c.type == "Failed")
+    assert (failed.status, failed.reason, failed.message) == ("True", "EngineFailed", "the engine exited with code 1")
+
+
+def test_progress_estimates_the_time_left_from_the_probes_so_far():
+    from slmpack.core.profile_status import planned_sweep_probes, progress
+
+    assert planned_sweep_probes(12, 5, adaptive=False, finished=False) == 12
+    assert planned_sweep_probes(12, 5, adaptive=True, finished=True) == 5
+    assert 5 < planned_sweep_probes(12, 2, adaptive=True, finished=False) < 12
+    shown = progress(done=3, planned=9, probe_seconds=[10, 20, 30], starts_left=1, start_seconds=60)
+    assert (shown.probes_done, shown.probes_planned, shown.eta_seconds) == (3, 9, 6 * 20 + 60)
+    assert progress(0, 9, []).eta_seconds is None

@@ -163,8 +163,14 @@ def all_crds() -> list[dict[str, Any]]:
              _column("Knee", ".status.knee.batchSize", "integer", "The knee batch size."),
              _column("Tok/s", ".status.knee.throughputTokensPerS", "number", "Output tokens/s at the knee."),
              _column("Replicas", ".status.recommendedReplicas", "integer", "Recommended replicas per GPU."),
-             _column("Gain%", ".status.replicationGainPercent", "number", "Replication gain over one replica."),
-             _column("Phase", ".status.phase", description="Pending, Profiling, Ready or Failed."),
+             _column("Gain%", ".status.replicationGainPercent", "number",
+                     "The best k > 1 over one replica at the same load."),
+             _column("Dtype", ".status.dtype", description="The dtype measured."),
+             _column("Step", ".status.profilingPhase", description="The profiler's current step."),
+             _column("Probes", ".status.progress.probesDone", "integer", "Probes measured so far."),
+             _column("Planned", ".status.progress.probesPlanned", "integer", "Probes expected in all."),
+             _column("ETA(s)", ".status.progress.etaSeconds", "integer", "Estimated seconds left."),
+             _column("Phase", ".status.phase", description="Pending, Profiling, Ready or Failed, from the conditions."),
              AGE]),
     ]
 

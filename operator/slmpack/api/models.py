@@ -25,7 +25,7 @@ from slmpack import API_GROUP, API_VERSION
 API = f"{API_GROUP}/{API_VERSION}"
 DEFAULT_ENGINE_IMAGE = "slmpack/engine:0.1.0"
 DEFAULT_CPU_ENGINE_IMAGE = "slmpack/engine-cpu:0.1.0"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 # Kubernetes' own formats (apimachinery/pkg/util/validation), so a bad value is refused at apply
 # rather than when the operator creates a child from it.
@@ -232,6 +232,15 @@ class ProfilingSpec(Model):
         2, ge=0, le=10,
         description="The profiling Job's backoffLimit: how often a failed profiler pod (crashed, OOM-killed) "
         "is retried before the profile fails.")
+    confidence_percent: int = Field(
+        95, ge=50, le=99, description="The confidence of every interval, and of the test that k > 1 replicas "
+        "beat one: more replicas are planned only when their gain is significant at this level.")
+    precision_percent: int = Field(
+        5, ge=1, le=50, description="A probe, and a candidate's repeats, stop once the throughput's confidence "
+        "interval is within plus or minus this share of its mean.")
+    min_repeats: int = Field(3, ge=2, le=20, description="Runs of each replica count, at least.")
+    max_repeats: int = Field(5, ge=2, le=50, description="Runs of each replica count, at most, "
+                             "when the spread stays wider than precisionPercent.")
 
 
 class ResourceSpec(Model):
@@ -342,8 +351,12 @@ class Plan(Model):
     knee_batch_size: int | None = Field(None, description="The knee batch size from the profile.")
     replicas: int = Field(..., description="Replicas per GPU.")
     max_num_seqs: int = Field(..., description="vLLM --max-num-seqs per replica.")
+    dtype: str | None = Field(None, description="The dtype the replicas run: the one profiled (auto resolved "
+                              "for the hardware), or the spec's.")
     gpu_memory_utilization: float | None = Field(None, description="vLLM --gpu-memory-utilization per replica.")
     memory_per_replica_mib: int | None = Field(None, description="The per-replica GPU (or CPU KV) memory budget.")
+    cpu_threads_per_replica: int | None = Field(None, description="With device cpu: OpenMP threads per replica, "
+                                                "unbound, as the profile measured them.")
     kv_cache_memory_bytes: int | None = Field(None, description="vLLM --kv-cache-memory-bytes per replica.")
     mps_active_thread_percentage: int | None = Field(
         None, description="The share of the SMs each replica may use under MPS, in percent.")
@@ -413,22 +426,33 @@ class SLMDeploymentStatus(Model):
 
 
 class ProfileConditions(Model):
-    """What a profile was measured under; deployments whose conditions match reuse it."""
+    """What a profile was measured under; deployments whose conditions match reuse it.
+
+    Everything that changes the measured curve or replication runs is here, and in the key.
+    The knee rule and the SLO are not: the knee and the plan are recomputed from the raw
+    curve for each deployment, so deployments with different SLOs share one profile.
+    """
 
     model: str = Field(..., description="The model id or path.")
-    dtype: Dtype = Field(Dtype.auto, description="The dtype.")
+    revision: str | None = Field(None, description="The model revision.")
+    dtype: Dtype = Field(Dtype.auto, description="The dtype the engine runs. On CPU, auto is resolved from the "
+                         "node's CPU flags before the key is taken (float32 without AVX512-BF16).")
     max_model_len: int = Field(2048, description="The engine's max model length.")
     device: Device = Field(Device.gpu, description="gpu or cpu.")
     gpu_product: str | None = Field(None, description="The GPU product (nvidia.com/gpu.product), or none on cpu.")
     gpu_memory_mib: int | None = Field(None, description="The GPU's memory in MiB.")
-    engine_image: str = Field("", description="The engine image.")
+    engine_image: str = Field("", description="The engine image (its tag fixes the engine's version).")
     engine_version: str | None = Field(None, description="The engine's version, when known.")
+    engine_args: list[str] = Field(default_factory=list, description="Extra engine arguments.")
+    sharing: Sharing | None = Field(None, description="How co-located replicas share the GPU: mps or time-slicing.")
+    sharing_slots: int | None = Field(None, description="Pods the device plugin lets share one GPU (R); under "
+                                      "plugin MPS each gets 1/R of the SMs and memory.")
+    cpu_kv_cache_space_gib: int | None = Field(None, description="With device cpu: the KV cache per replica.")
     workload: Workload = Field(default_factory=Workload, description="The request shape.")
 
     def key(self) -> str:
         """A short stable hash of what makes two profiles interchangeable."""
-        identity = self.model_dump(mode="json", include={"model", "dtype", "max_model_len", "device",
-                                                         "gpu_product", "engine_image", "workload"})
+        identity = self.model_dump(mode="json", exclude={"engine_version"})
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -439,6 +463,17 @@ class Percentiles(Model):
     p50: float | None = Field(None, description="Median.")
     p90: float | None = Field(None, description="90th percentile.")
     p99: float | None = Field(None, description="99th percentile.")
+
+
+class Spread(Model):
+    """A mean over repeated samples, its spread and its two-sided Student-t confidence interval."""
+
+    samples: int = Field(..., description="How many samples the mean is over.")
+    mean: float = Field(..., description="Their mean.")
+    stdev: float | None = Field(None, description="Their sample standard deviation; null with one sample.")
+    ci_low: float | None = Field(None, description="The confidence interval's lower end.")
+    ci_high: float | None = Field(None, description="The confidence interval's upper end.")
+    confidence_percent: int = Field(95, description="The interval's confidence.")
 
 
 class ProfilePoint(Model):
@@ -462,6 +497,10 @@ class ProfilePoint(Model):
     energy_joules: float | None = Field(None, description="GPU energy over the point; null when not measured.")
     energy_per_token_joules: float | None = Field(None, description="J per output token; null when not measured.")
     energy_note: str | None = Field(None, description="Why energy is null, e.g. 'not measured: no GPU'.")
+    idle_power_watts: float | None = Field(None, description="GPU power with the engine idle just before the point.")
+    throughput_spread: Spread | None = Field(
+        None, description="Output tokens/s over windows of batchSize completed requests; the probe stopped "
+        "when its interval was narrow enough.")
 
 
 class Knee(Model):
@@ -479,16 +518,46 @@ class Knee(Model):
 
 
 class ReplicationPoint(Model):
-    """k co-located replicas, each at the knee batch, under the same total load."""
+    """k co-located replicas under the offered load every k faces, run several times."""
 
     replicas: int = Field(..., description="Co-located replicas.")
-    batch_size_per_replica: int = Field(..., description="Concurrency sent to each replica.")
-    aggregate_throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s, all replicas.")
+    batch_size_per_replica: int = Field(..., description="Concurrency sent to each replica (its --max-num-seqs).")
+    offered_concurrency: int | None = Field(None, description="Concurrent clients in all, the same for every k.")
+    runs_tokens_per_s: list[float] = Field(default_factory=list, description="Aggregate output tokens/s, per run.")
+    throughput_spread: Spread | None = Field(None, description="Mean, spread and interval of the runs.")
+    aggregate_throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s, all replicas: "
+                                                            "the mean of the runs.")
     aggregate_request_throughput_per_s: float | None = Field(None, description="Requests/s, all replicas.")
-    p99_itl_ms: float | None = Field(None, description="p99 ITL across replicas.")
-    p99_ttft_ms: float | None = Field(None, description="p99 TTFT across replicas.")
-    energy_per_token_joules: float | None = Field(None, description="J per output token; null when not measured.")
+    p99_itl_ms: float | None = Field(None, description="p99 ITL across replicas, the worst run.")
+    p99_ttft_ms: float | None = Field(None, description="p99 TTFT across replicas, the worst run.")
+    energy_per_token_joules: float | None = Field(None, description="J per output token of the measured requests "
+                                                  "(warm-up excluded); null when not measured.")
+    idle_power_watts: float | None = Field(None, description="GPU power with the replicas idle.")
+    cpu_threads_per_replica: int | None = Field(None, description="With device cpu: the OpenMP threads each "
+                                                "replica ran with (unbound), as the deployment runs them.")
     error: str | None = Field(None, description="Why the point failed, when it did.")
+
+
+class ReplicationDecision(Model):
+    """The best k > 1 against one replica at the same offered load, and whether its gain is significant."""
+
+    replicas: int = Field(..., description="The replicas decided on.")
+    best_candidate: int | None = Field(None, description="The k > 1 with the highest mean throughput.")
+    ratio: float | None = Field(None, description="Its mean throughput over one replica's.")
+    ratio_ci_low: float | None = Field(None, description="The ratio's confidence interval, lower end.")
+    ratio_ci_high: float | None = Field(None, description="The ratio's confidence interval, upper end.")
+    p_value: float | None = Field(None, description="Welch's one-sided t-test of its runs against one replica's.")
+    confidence_percent: int = Field(95, description="The confidence the gain had to reach.")
+    significant: bool = Field(False, description="Whether the gain is significant at that confidence.")
+    explanation: str = Field("", description="Why, with the numbers.")
+
+
+class ProfileProgress(Model):
+    """How far the profile is."""
+
+    probes_done: int = Field(0, description="Probes (sweep points and replication runs) measured so far.")
+    probes_planned: int = Field(0, description="Probes expected in all; the adaptive sweep revises it.")
+    eta_seconds: int | None = Field(None, description="Estimated time left, from the probes measured so far.")
 
 
 class MemoryFootprint(Model):
@@ -505,6 +574,8 @@ class SweepInfo(Model):
     mode: Literal["adaptive", "full"] = Field("adaptive", description="adaptive (grow then bisect) or full.")
     probes: int = Field(0, description="Batch sizes measured.")
     duration_s: float | None = Field(None, description="Wall time of the whole profile.")
+    engine_start_seconds: list[float] = Field(default_factory=list,
+                                              description="How long each engine start took, in order.")
 
 
 class SLMProfileSpec(Model):
@@ -515,14 +586,20 @@ class SLMProfileSpec(Model):
 
 
 class SLMProfileStatus(Model):
-    """The measurements: the curve, the knee, the replication run and the recommendation."""
+    """The measurements: the raw curve, the raw replication runs, and the knee and decision at the profile's
+    own settings (deployments recompute both with their SLO and knee rule)."""
 
     schema_version: int = Field(REPORT_SCHEMA_VERSION, description="The report format's version.")
     phase: Literal["Pending", "Profiling", "Ready", "Failed"] = Field(
-        "Pending", description="Where the profile stands.")
+        "Pending", description="A one-word summary derived from the conditions.")
     profiling_phase: ProfilingPhase | None = Field(None, description="The profiler's current step.")
     message: str | None = Field(None, description="Progress or failure, in words.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready.")
+    conditions: list[Condition] = Field(default_factory=list,
+                                        description="Ready (measured) and Failed (with the reason).")
+    progress: ProfileProgress | None = Field(None, description="Probes done and planned, and the time left.")
+    dtype: str | None = Field(None, description="The dtype measured (auto resolved for the hardware).")
+    sharing_regime: str | None = Field(None, description="How the co-located replicas shared the device "
+                                       "while measured, with their caps.")
     observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
     measured_at: datetime | None = Field(None, description="When the measurement finished.")
     environment: dict[str, str] = Field(default_factory=dict, description="Engine version, host, driver, etc.")
@@ -533,5 +610,7 @@ class SLMProfileStatus(Model):
     memory: MemoryFootprint | None = Field(None, description="The per-replica memory model.")
     recommended_replicas: int | None = Field(None, description="The k with the highest throughput within the SLO.")
     replication_gain_percent: float | None = Field(
-        None, description="Aggregate throughput of the recommended k over one replica at its best batch, in percent."
+        None, description="Aggregate throughput of the recommended k over one replica at the same offered load, "
+        "in percent."
     )
+    decision: ReplicationDecision | None = Field(None, description="The replicate-or-not decision, with its test.")

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from slmpack.api.models import SLMProfileSpec
 from slmpack.core import conditions as cond
@@ -68,17 +69,11 @@ def load_documents(path: Path) -> list[dict]:
     return objects
 
 
-def parse_quantity(value) -> int:
-    """Whole units of an extended resource or a plain count (`4`, `"8"`); other quantities count as 0."""
-    text = str(value)
-    return int(text) if text.isdigit() else 0
-
-
 def node_from_object(obj: dict) -> GPUNode:
     """A Node object as the API shows it, read the way the operator's adapter reads it."""
     allocatable = (obj.get("status") or {}).get("allocatable") or {}
     return GPUNode(name=obj["metadata"]["name"], labels=dict(obj["metadata"].get("labels") or {}),
-                   allocatable={k: parse_quantity(v) for k, v in allocatable.items()})
+                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()})
 
 
 def profile_as_stored(profile: dict, namespace: str) -> dict:

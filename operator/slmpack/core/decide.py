@@ -65,6 +65,13 @@ RESULT_GRACE_SECONDS = 30
 DEFAULT_PROFILER_CLUSTER_ROLE = "slmpack-profiler"
 
 
+def measured_under(spec: SLMDeploymentSpec, node: GPUNode):
+    """The conditions a profile for this spec on this node is measured under, and keyed by: the
+    device plugin's R slots too, since its MPS daemon caps each engine at 1/R."""
+    plugin = spec.placement == Placement.device_plugin and spec.engine.device == Device.gpu
+    return profile_conditions(spec, node.gpu_memory_mib, node.sharing_slots if plugin else None)
+
+
 @dataclass(frozen=True)
 class ProfilingJob:
     """What the operator reads of a profiling Job."""
@@ -228,14 +235,14 @@ class _Decider:
                                f"{self.namespace}: create it or remove profileRef", warn=True)
                 return None
         else:
-            key = profile_conditions(spec, node.gpu_memory_mib).key()
+            key = measured_under(spec, node).key()
             existing = sorted((p for p in self.cluster.profiles
                                if p["metadata"].get("labels", {}).get(PROFILE_KEY_LABEL) == key),
                               key=lambda p: p["metadata"]["name"])
             ready = [p for p in existing if (p.get("status") or {}).get("phase") == "Ready"]
             profile = (ready or existing or [None])[0]
             if profile is None:
-                profile = build_profile(self.namespace, profile_conditions(spec, node.gpu_memory_mib), spec)
+                profile = build_profile(self.namespace, measured_under(spec, node), spec)
                 self.decision.create.append(profile)
                 self.decision.events.append(Event(
                     "ProfileCreated", f"no profile matches model x GPU x engine x workload: profiling into "
@@ -272,7 +279,7 @@ class _Decider:
             # The Job is owned by the profile, so it waits for the profile's uid (the next decision).
             self.decision.create += build_profiler_access(self.namespace, self.profiler_cluster_role)
             owner = Owner(kind="SLMProfile", name=name, uid=uid, namespace=self.namespace)
-            conditions = profile_conditions(spec, node.gpu_memory_mib)
+            conditions = measured_under(spec, node)
             if self.dra is not None:
                 # Its own claim gives the Job a GPU; the scheduler picks the node.
                 labels = {PROFILE_LABEL: label_value(name), **MANAGED_BY}
@@ -331,6 +338,10 @@ class _Decider:
                 self.decision.delete.append(unused)
                 self.decision.events.append(Event("ResourceClaimReleased", f"ResourceClaim {unused['metadata']['name']}"
                                                   " of an earlier plan: no replica uses it, so it is deleted"))
+            earlier = [c for c in self.cluster.resource_claims if c["metadata"]["name"] not in claims]
+            if len(earlier) > len(self.decision.delete):
+                # An earlier claim is still held while the pods roll over: look again, as no event may follow.
+                self.decision.retry_after_seconds = NODE_RETRY_SECONDS
         unplaced = []
         for i, size in enumerate(sizes):
             if pinned(spec) and nodes[i] is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from slmpack import API_GROUP
@@ -23,6 +24,7 @@ from slmpack.api.models import (
     SLMDeploymentSpec,
     SLMProfileSpec,
 )
+from slmpack.core.hardware import cpu_threads_env, resolve_dtype
 from slmpack.core.validation import MEMORY, PRODUCT, REPLICAS, SHARING_STRATEGY, GPUNode, product_labels
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}
@@ -112,11 +114,18 @@ def selector_labels(deployment: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "slmpack-engine", DEPLOYMENT_LABEL: label_value(deployment)}
 
 
-def profile_conditions(spec: SLMDeploymentSpec, gpu_memory_mib: int | None) -> ProfileConditions:
+def profile_conditions(spec: SLMDeploymentSpec, gpu_memory_mib: int | None, sharing_slots: int | None = None,
+                       cpu_flags: Iterable[str] = ()) -> ProfileConditions:
+    """What the profile is measured under and keyed by. `cpu_flags` are the node's, where known (NFD's
+    cpu-cpuid labels): without AVX512-BF16 among them, dtype auto on CPU is float32."""
+    cpu = spec.engine.device == Device.cpu
     return ProfileConditions(
-        model=spec.model.name, dtype=spec.model.dtype, max_model_len=spec.model.max_model_len,
+        model=spec.model.name, revision=spec.model.revision,
+        dtype=resolve_dtype(spec.model.dtype, spec.engine.device, cpu_flags), max_model_len=spec.model.max_model_len,
         device=spec.engine.device, gpu_product=spec.gpu.product, gpu_memory_mib=gpu_memory_mib,
-        engine_image=spec.engine.resolved_image(), workload=spec.profiling.workload,
+        engine_image=spec.engine.resolved_image(), engine_args=list(spec.engine.extra_args),
+        sharing=None if cpu else spec.sharing, sharing_slots=None if cpu else sharing_slots,
+        cpu_kv_cache_space_gib=spec.engine.cpu_kv_cache_space_gib if cpu else None, workload=spec.profiling.workload,
     )
 
 
@@ -221,7 +230,7 @@ def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[st
     args = ["--model", model.name, "--served-model-name", model.name, deployment,
             "--host", "0.0.0.0", "--port", str(spec.port),
             "--max-num-seqs", str(plan.max_num_seqs), "--max-model-len", str(model.max_model_len),
-            "--dtype", model.dtype.value]
+            "--dtype", plan.dtype or model.dtype.value]
     if model.revision:
         args += ["--revision", model.revision]
     if plan.gpu_memory_utilization is not None:
@@ -267,7 +276,8 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec),
+        "env": base_env(spec) + [{"name": k, "value": v} for k, v in
+                                 cpu_threads_env(plan.cpu_threads_per_replica).items()],
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
@@ -350,6 +360,9 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
             "--latency-factor", str(policy.latency_factor),
             "--max-replicas", str(max_replicas or policy.max_replicas),
             "--requests-per-point", str(policy.requests_per_point),
+            "--sharing", spec.sharing.value, "--confidence-percent", str(policy.confidence_percent),
+            "--precision-percent", str(policy.precision_percent),
+            "--min-repeats", str(policy.min_repeats), "--max-repeats", str(policy.max_repeats),
             "--write-profile", f"{namespace}/{profile}", "--out", "/tmp/profile"]
     if policy.batch_sizes:
         args += ["--batch-sizes", ",".join(map(str, policy.batch_sizes))]

@@ -1,11 +1,14 @@
 """The planner: a measured profile, the GPU and the spec in; replicas per GPU and engine settings out (pure).
 
-- Replicas: the measured replica count with the highest aggregate throughput within the
-  latency SLO, capped by what the memory model says fits and by the sharing slots the
-  node advertises. A fixed `spec.replicas` overrides the measurement.
+- Replicas and knee: recomputed from the profile's raw curve and runs with this
+  deployment's knee rule, SLO and confidence (`core/replication.py`): k > 1 only when its
+  gain over one replica at the same load is significant. Capped by what the memory model
+  says fits and by the sharing slots the node advertises. A fixed `spec.replicas`
+  overrides the measurement.
   Under the device plugin's MPS the count stays within the R slots per GPU, and the status
   says why when it is fewer.
-- `--max-num-seqs` is the knee batch.
+- `--max-num-seqs` is the batch per replica that was measured for the chosen count (the
+  knee when it was not measured).
 - Memory, one share per replica: under the device plugin's MPS the daemon pins every client
   at memory/R (and 100/R % of the SMs), so the share is memory/R whatever N is; otherwise
   (time-slicing, no sharing, DRA) it is 0.9 x memory / N. With a memory model the KV cache is
@@ -24,15 +27,14 @@ import math
 
 from slmpack.api.models import (
     Device,
-    LatencySLO,
     MemoryFootprint,
     Placement,
     Plan,
-    ReplicationPoint,
     Sharing,
     SLMDeploymentSpec,
     SLMProfileStatus,
 )
+from slmpack.core.hardware import resolve_dtype
 from slmpack.core.memory import (
     GPU_BUDGET_FRACTION,
     MIB,
@@ -41,6 +43,7 @@ from slmpack.core.memory import (
     kv_cache_budget_mib,
     mps_client_limit_mib,
 )
+from slmpack.core.replication import choose
 from slmpack.core.validation import InvalidSpec
 
 # vLLM's own default for --max-num-seqs, used when no knee is known (fixed replicas, no profile).
@@ -62,34 +65,6 @@ def kv_cache_bytes(spec: SLMDeploymentSpec, footprint: MemoryFootprint, share_mi
     return kv_mib * MIB
 
 
-def within_slo(point: ReplicationPoint, slo: LatencySLO) -> bool:
-    if point.error is not None or not point.aggregate_throughput_tokens_per_s:
-        return False
-    if slo.p99_itl_ms and point.p99_itl_ms and point.p99_itl_ms > slo.p99_itl_ms:
-        return False
-    return not (slo.p99_ttft_ms and point.p99_ttft_ms and point.p99_ttft_ms > slo.p99_ttft_ms)
-
-
-def best_measured(profile: SLMProfileStatus, slo: LatencySLO) -> ReplicationPoint | None:
-    candidates = [p for p in profile.replication if within_slo(p, slo)]
-    return max(candidates, key=lambda p: p.aggregate_throughput_tokens_per_s, default=None)
-
-
-def choose_replicas(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, reasons: list[str]) -> int:
-    """Replicas per GPU from the spec or the replication measurements, before any cap."""
-    measured = best_measured(profile, spec.profiling.slo) if profile else None
-    if spec.replicas != "auto":
-        reasons.append(f"{spec.replicas} replicas fixed by spec.replicas")
-        return spec.replicas
-    if measured is not None:
-        reasons.append(f"{measured.replicas} replicas gave the highest measured aggregate throughput "
-                       f"({measured.aggregate_throughput_tokens_per_s:.0f} tok/s) within the SLO")
-        return measured.replicas
-    replicas = profile.recommended_replicas if profile and profile.recommended_replicas else 1
-    reasons.append(f"{replicas} replica(s): no replication measurement within the SLO")
-    return replicas
-
-
 def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_mib: int | None = None,
          sharing_slots: int | None = None, plugin_mps: bool = False) -> Plan:
     """Decide replicas per GPU and per-replica settings.
@@ -99,10 +74,19 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
     `plugin_mps` says the device plugin's MPS daemon caps every client at 1/R.
     Raises InvalidSpec when the model cannot fit one replica's share.
     """
-    knee = profile.knee.batch_size if profile and profile.knee else None
+    choice = choose(profile, spec.profiling) if profile else None
+    knee = choice.knee.batch_size if choice and choice.knee else None
     tokens_per_sequence = spec.profiling.workload.input_tokens + spec.profiling.workload.output_tokens
     reasons: list[str] = []
-    replicas = choose_replicas(spec, profile, reasons)
+    if spec.replicas != "auto":
+        replicas = spec.replicas
+        reasons.append(f"{replicas} replicas fixed by spec.replicas")
+    elif choice is not None:
+        replicas = choice.decision.replicas
+        reasons.append(choice.decision.explanation)
+    else:
+        replicas = 1
+        reasons.append("1 replica: no profile")
     gpu = spec.engine.device == Device.gpu
     slots = sharing_slots or 1
 
@@ -121,8 +105,12 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
                        f"replica at 1/{slots} of the memory and SMs whatever the count, so {slots - replicas} "
                        "slot(s) stay idle")
 
-    max_num_seqs = knee or VLLM_DEFAULT_MAX_NUM_SEQS
-    reasons.append(f"--max-num-seqs {max_num_seqs} " + ("at the knee" if knee else "(vLLM's default: no knee known)"))
+    measured_batch = choice.max_num_seqs if choice and choice.measured and choice.measured.replicas == replicas \
+        else None
+    max_num_seqs = measured_batch or knee or VLLM_DEFAULT_MAX_NUM_SEQS
+    reasons.append(f"--max-num-seqs {max_num_seqs} " + (
+        "as measured for this replica count" if measured_batch else
+        "at the knee" if knee else "(vLLM's default: no knee known)"))
 
     mps = gpu and spec.sharing == Sharing.mps
     utilization = memory_per_replica = pinned = threads = kv_bytes = None
@@ -149,10 +137,10 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
     if chosen is not None and chosen.error is None:
         throughput, p99_itl = chosen.aggregate_throughput_tokens_per_s, chosen.p99_itl_ms
         energy = chosen.energy_per_token_joules
-    elif profile and profile.knee:
+    elif choice and choice.knee:
         # Not measured at this count: assume replicas add up, an optimistic bound.
-        throughput = profile.knee.throughput_tokens_per_s * replicas if profile.knee.throughput_tokens_per_s else None
-        p99_itl = profile.knee.p99_itl_ms
+        throughput = choice.knee.throughput_tokens_per_s * replicas if choice.knee.throughput_tokens_per_s else None
+        p99_itl = choice.knee.p99_itl_ms
         energy = next((p.energy_per_token_joules for p in profile.points if p.batch_size == knee), None)
     else:
         throughput = p99_itl = energy = None
@@ -161,6 +149,8 @@ def plan(spec: SLMDeploymentSpec, profile: SLMProfileStatus | None, gpu_memory_m
         knee_batch_size=knee,
         replicas=replicas,
         max_num_seqs=max_num_seqs,
+        dtype=profile.dtype if profile and profile.dtype else resolve_dtype(spec.model.dtype, spec.engine.device),
+        cpu_threads_per_replica=chosen.cpu_threads_per_replica if chosen is not None and not gpu else None,
         gpu_memory_utilization=utilization,
         memory_per_replica_mib=memory_per_replica,
         kv_cache_memory_bytes=kv_bytes,

@@ -26,6 +26,7 @@ class RequestResult:
     token_gaps_s: Sequence[float] = field(default_factory=tuple)
     e2e_s: float | None = None
     error: str | None = None
+    finished_at_s: float | None = None  # perf_counter() when the stream ended, for windowed throughput
 
     @property
     def ok(self) -> bool:
@@ -66,3 +67,20 @@ def summarize(batch_size: int, results: Sequence[RequestResult], duration_s: flo
         tpot_ms=percentiles_ms(tpot),
         e2e_latency_ms=percentiles_ms([r.e2e_s for r in done if r.e2e_s is not None]),
     )
+
+
+def window_throughputs(results: Sequence[RequestResult], started_at_s: float, window: int) -> list[float]:
+    """Output tokens/s of each run of `window` consecutive completions (batch means), in completion order.
+
+    In a closed loop of B clients a window of B completions is one turn of every client,
+    so the windows are close to independent samples of the steady-state throughput.
+    """
+    done = sorted((r for r in results if r.ok and r.finished_at_s is not None), key=lambda r: r.finished_at_s)
+    samples, begin = [], started_at_s
+    for end in range(window, len(done) + 1, window):
+        chunk = done[end - window:end]
+        finished = chunk[-1].finished_at_s
+        if finished > begin:
+            samples.append(sum(r.output_tokens for r in chunk) / (finished - begin))
+        begin = finished
+    return samples

@@ -83,6 +83,9 @@ def spec_problems(spec: SLMDeploymentSpec) -> list[str]:
     if policy.min_batch_size > policy.max_batch_size:
         problems.append(f"spec.profiling.minBatchSize ({policy.min_batch_size}) is larger than maxBatchSize "
                         f"({policy.max_batch_size}): lower minBatchSize or raise maxBatchSize")
+    if policy.min_repeats > policy.max_repeats:
+        problems.append(f"spec.profiling.minRepeats ({policy.min_repeats}) is larger than maxRepeats "
+                        f"({policy.max_repeats}): lower minRepeats or raise maxRepeats")
     repeated = sorted({b for b in policy.batch_sizes if policy.batch_sizes.count(b) > 1})
     if repeated:
         problems.append(f"spec.profiling.batchSizes lists {repeated} more than once: list each batch size once")

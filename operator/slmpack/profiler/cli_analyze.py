@@ -41,10 +41,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(table(status))
     if args.write_profile:
-        from slmpack.profiler.cli_profile import ready_condition, status_writer
+        from datetime import UTC, datetime
+
+        from slmpack.core import profile_status
+        from slmpack.profiler.cli_profile import status_writer
 
         status.message = f"imported from {len(args.files)} vllm bench serve result files"
-        status_writer(args.write_profile)(status.to_wire() | ready_condition(status))
+        status.conditions = profile_status.measured([], status.message, datetime.now(UTC))
+        write, _ = status_writer(args.write_profile)
+        write(status.to_wire())
     if args.out:
         paths = plot(status, args.out, title="vllm bench serve results")
         print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)

@@ -27,6 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--port-base", type=int, default=18100)
     engine.add_argument("--restart-per-batch", action="store_true",
                         help="restart vLLM with --max-num-seqs B at every probe instead of varying concurrency")
+    engine.add_argument("--sharing", choices=["mps", "time-slicing"], default="time-slicing",
+                        help="how the deployment shares a GPU; mps runs co-located replicas as MPS clients")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--batch-sizes", help="comma-separated batch sizes: a full sweep of exactly these")
     sweep.add_argument("--min-batch", type=int, default=1)
@@ -34,8 +36,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--full", action="store_true", help="probe the whole default grid, not adaptively")
     sweep.add_argument("--input-tokens", type=int, default=128)
     sweep.add_argument("--output-tokens", type=int, default=128)
-    sweep.add_argument("--requests-per-point", type=int, default=0, help="0 means 4 x batch (at least 8)")
+    sweep.add_argument("--requests-per-point", type=int, default=0,
+                       help="a fixed request count per probe; 0 stops once the throughput is known to --precision")
     sweep.add_argument("--max-replicas", type=int, default=2)
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument("--confidence-percent", type=int, default=95,
+                       help="confidence of the intervals and of the test that k > 1 replicas beat one")
+    stats.add_argument("--precision-percent", type=int, default=5,
+                       help="stop a probe, and a replica count's repeats, at this relative interval half width")
+    stats.add_argument("--min-repeats", type=int, default=3, help="runs of each replica count, at least")
+    stats.add_argument("--max-repeats", type=int, default=5, help="runs of each replica count, at most")
     knee = parser.add_argument_group("knee")
     knee.add_argument("--rule", choices=["bca", "kneedle"], default="bca")
     knee.add_argument("--efficiency-threshold-percent", type=int, default=20)
@@ -60,8 +70,9 @@ def parse_batches(text: str | None) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from slmpack.api.models import KneeRule, LatencySLO, ProfilingPhase
+    from slmpack.api.models import KneeRule, LatencySLO
     from slmpack.core.knee import KneeParams
+    from slmpack.core.stats import Precision
     from slmpack.core.sweep import batch_grid
     from slmpack.profiler.engines import EngineError, VllmEngine, openai_endpoints
     from slmpack.profiler.loadgen import Workload
@@ -70,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         grid = batch_grid(args.min_batch, args.max_batch, parse_batches(args.batch_sizes))
+        windows = Precision(args.confidence_percent, args.precision_percent, 3, 12)
+        repeats = Precision(args.confidence_percent, args.precision_percent, args.min_repeats, args.max_repeats)
     except ValueError as error:
         print(f"slmpack profile: {error}", file=sys.stderr)
         return 2
@@ -79,35 +92,36 @@ def run(args: argparse.Namespace) -> int:
         knee=KneeParams(KneeRule(args.rule), args.efficiency_threshold_percent, args.latency_factor,
                         LatencySLO(p99_itl_ms=args.slo_p99_itl_ms, p99_ttft_ms=args.slo_p99_ttft_ms)),
         requests_per_point=args.requests_per_point, max_replicas=args.max_replicas, port_base=args.port_base,
-        gpu_memory_mib=args.gpu_memory_mib, restart_per_batch=args.restart_per_batch)
+        gpu_memory_mib=args.gpu_memory_mib, restart_per_batch=args.restart_per_batch, windows=windows,
+        repeats=repeats, sharing=args.sharing)
 
     # SIGTERM (a Job's pod deleted, `timeout`) unwinds like Ctrl-C, so the engines started in
     # their own process groups are stopped by the run's cleanup instead of outliving it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    writer = status_writer(args.write_profile)
-    bar = tqdm(total=len(grid) if not settings.adaptive else None, desc="profiling", unit="probe",
-               disable=not sys.stderr.isatty())
+    writer, resume = status_writer(args.write_profile)
+    bar = tqdm(total=0, desc="profiling", unit="probe", disable=not sys.stderr.isatty())
 
-    def progress(phase: ProfilingPhase, message: str) -> None:
-        bar.set_postfix_str(message)
-        if phase == ProfilingPhase.sweeping:
-            bar.update(1)
-        log.info("%s: %s", phase.value, message)
-        writer({"phase": "Profiling", "profilingPhase": phase.value, "message": message})
+    def report(status) -> None:
+        if status.progress:
+            bar.total = status.progress.probes_planned
+            bar.n = status.progress.probes_done
+        bar.set_postfix_str(status.message or "")
+        bar.refresh()
+        writer(status.to_wire())
 
     try:
         if args.engine == "openai":
             if not args.base_url:
                 print("slmpack profile: --engine openai needs --base-url", file=sys.stderr)
                 return 2
-            status = profile(None, settings, progress, openai_endpoints(args.base_url, args.model))
+            status = profile(None, settings, report, openai_endpoints(args.base_url, args.model), resume=resume)
         else:
             if not args.model:
                 print("slmpack profile: --model is required with --engine vllm", file=sys.stderr)
                 return 2
             engine = VllmEngine(args.model, args.device, args.max_model_len, args.dtype, args.engine_arg,
                                 args.cpu_kv_cache_space_gib)
-            status = profile(engine, settings, progress)
+            status = profile(engine, settings, report, resume=resume)
     except EngineError as error:
         print(f"slmpack profile: {error}", file=sys.stderr)
         writer({"phase": "Failed", "profilingPhase": "Failed", "message": str(error)})
@@ -122,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(status))
     print(f"report: {args.out / 'report.json'}; plots: {args.out / 'profile.png'}")
     try:
-        writer(status.to_wire() | ready_condition(status), final=True)
+        writer(status.to_wire(), final=True)
     except ProfileNotWritten as error:
         # A result the operator never sees is a failed Job, so the deployment says so instead of waiting.
         print(f"slmpack profile: {error}", file=sys.stderr)
@@ -130,26 +144,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if status.phase == "Ready" else 1
 
 
-def ready_condition(status) -> dict:
-    from datetime import UTC, datetime
-
-    ok = status.phase == "Ready"
-    return {"conditions": [{"type": "Ready", "status": "True" if ok else "False",
-                            "reason": "Measured" if ok else "ProfilingFailed", "message": status.message or "",
-                            "lastTransitionTime": datetime.now(UTC).isoformat()}]}
-
-
 class ProfileNotWritten(RuntimeError):
     """The final result could not be written to the SLMProfile."""
 
 
 def status_writer(target: str | None, attempts: int = 3, retry_seconds: float = 2.0):
-    """Writes SLMProfile status when running as the profiling Job; a no-op otherwise.
+    """Writes SLMProfile status when running as the profiling Job, and reads what an earlier run of the
+    Job measured, to resume from; a no-op and None otherwise.
 
     Progress writes that fail are logged and skipped; the final write is retried, then raises."""
     if not target:
-        return lambda status, final=False: None
+        return (lambda status, final=False: None), None
     from slmpack.adapters.kube import Kube, load_config
+    from slmpack.api.models import SLMProfileStatus
 
     namespace, _, name = target.partition("/")
     if not name:
@@ -169,4 +176,9 @@ def status_writer(target: str | None, attempts: int = 3, retry_seconds: float = 
         if final:
             raise ProfileNotWritten(f"could not write the result to SLMProfile {target}: {last}")
 
-    return write
+    try:
+        stored = (kube.get_profile(namespace, name) or {}).get("status")
+    except Exception as error:
+        log.warning("could not read SLMProfile %s to resume from: %s", target, error)
+        stored = None
+    return write, SLMProfileStatus.from_stored(stored) if stored else None

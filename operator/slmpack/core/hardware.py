@@ -1,0 +1,59 @@
+"""Engine settings that follow from the hardware (pure): the dtype for `auto`, the MPS caps per replica, and
+the CPU threads per replica."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from slmpack.api.models import Device, Dtype
+
+# CPU flags (as /proc/cpuinfo and NFD's cpu-cpuid labels name them) with native bfloat16 arithmetic.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(requested: Dtype | str, device: Device | str, cpu_flags: Iterable[str] = ()) -> str:
+    """The dtype to run. On CPU, `auto` means bfloat16 only where the CPU computes it natively,
+    float32 otherwise: without AVX512-BF16 vLLM's bfloat16 hardly batches. On GPU, `auto`
+    stays vLLM's own choice (the model config's dtype)."""
+    requested = Dtype(requested)
+    if requested != Dtype.auto or Device(device) != Device.cpu:
+        return requested.value
+    flags = {f.lower() for f in cpu_flags}
+    return Dtype.bfloat16.value if flags & BF16_CPU_FLAGS else Dtype.float32.value
+
+
+def cpu_flags_from_cpuinfo(text: str) -> set[str]:
+    """The flags of the first processor in a /proc/cpuinfo text."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def mps_caps(replicas: int, gpu_memory_mib: int | None, budget_fraction: float = 0.9) -> tuple[int, int | None]:
+    """The MPS caps a plan gives each of `replicas` clients: an equal share of the SMs (active
+    thread percentage) and of the memory budget (pinned device memory, MiB)."""
+    threads = math.ceil(100 / replicas)
+    memory = int(gpu_memory_mib * math.floor(budget_fraction / replicas * 1000) / 1000) if gpu_memory_mib else None
+    return threads, memory
+
+
+def cpu_threads_per_replica(replicas: int, cores: int) -> int:
+    """The cores less one, which vLLM keeps for its API server and scheduler, shared out; at least one.
+    More OpenMP threads than free cores make the threads spin against each other."""
+    return max(1, (cores - 1) // replicas)
+
+
+def cpu_threads_env(threads: int | None) -> dict[str, str]:
+    """vLLM CPU with `threads` OpenMP threads left to the kernel's scheduler.
+
+    vLLM's default binding (`auto`) pins every engine to the same first cores of the CPUs
+    it may use, so co-located replicas of a StatefulSet, which cannot tell each other
+    apart, would all compute on core 0. Unbound threads, (cores - 1)/N per replica, spread
+    instead. The profiler runs its k replicas the same way, so it measures what is deployed.
+    """
+    if threads is None:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
