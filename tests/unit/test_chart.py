@@ -217,7 +217,8 @@ def _kube_method_calls(method: ast.FunctionDef, plurals: set[str]) -> set[tuple[
                           and a.value.endswith("s"))
             found.add(("slmpack.dev" if plural in plurals else DRA_GROUP, plural + status, verb))
         else:
-            found.add((CLIENT_GROUPS[target.attr], resource + "s" + status, verb))
+            # delete_namespaced_stateful_set acts on statefulsets
+            found.add((CLIENT_GROUPS[target.attr], resource.replace("_", "") + "s" + status, verb))
     return found
 
 

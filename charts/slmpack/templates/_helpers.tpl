@@ -93,7 +93,7 @@ finalizers. */}}
   verbs: [create]
 - apiGroups: [resource.k8s.io]
   resources: [resourceclaims]
-  verbs: [list, create, patch, delete]
+  verbs: [list, create, delete]
 - apiGroups: [resource.k8s.io]
   resources: [resourceclaimtemplates]
   verbs: [create]

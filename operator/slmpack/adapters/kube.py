@@ -71,6 +71,10 @@ class Kube:
         return client.CoreV1Api(self.api)
 
     @cached_property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @cached_property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
 
@@ -203,14 +207,15 @@ class Kube:
         # Items of a list carry no apiVersion or kind; the delete needs the version they were read in.
         return [{**item, "apiVersion": api_version, "kind": "ResourceClaim"} for item in items]
 
-    def delete_as_read(self, obj: dict) -> None:
-        """Delete the object read (its uid a precondition, so a successor of the same name survives); its
-        dependents go by garbage collection, gracefully: a StatefulSet's pods run their preStop drain."""
-        meta = obj["metadata"]
+    def delete_statefulset(self, statefulset: dict) -> None:
+        """Delete a StatefulSet as read (its uid a precondition, so a successor of the same name survives); its
+        pods go by garbage collection, gracefully: each runs its preStop drain before the engine stops."""
+        meta = statefulset["metadata"]
         try:
-            self._resource(obj).delete(name=meta["name"], namespace=meta.get("namespace"),
-                                       body={"preconditions": {"uid": meta["uid"]},
-                                             "propagationPolicy": "Background"})
+            self.apps.delete_namespaced_stateful_set(
+                meta["name"], meta["namespace"],
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"]),
+                                            propagation_policy="Background"))
         except ApiException as error:
             if error.status not in (404, 409):
                 raise

@@ -319,8 +319,8 @@ class Controller:
         for obj in decision.apply:
             self.apply(obj)
         for obj in decision.delete:
-            if obj["kind"] != "ResourceClaim":
-                self.kube.delete_as_read(obj)
+            if obj["kind"] == "StatefulSet":
+                self.kube.delete_statefulset(obj)
                 log.info("deleted %s %s/%s: its pack is no longer wanted", obj["kind"], obj["metadata"]["namespace"],
                          obj["metadata"]["name"])
             elif self.kube.delete_unused_claim(obj):

@@ -342,18 +342,15 @@ class _Decider:
             if len(earlier) > len(self.decision.delete):
                 # An earlier claim is still held while the pods roll over: look again, as no event may follow.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
-        unplaced = []
-        for i, size in enumerate(sizes):
-            if pinned(spec) and nodes[i] is None:
-                unplaced.append(names[i])
-                continue
-            objects.append(build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i, replicas=size))
+        unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
+        statefulsets = [build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i, replicas=size)
+                        for i, size in enumerate(sizes) if names[i] not in unplaced]
         for old in sorted(self.cluster.statefulsets, key=lambda o: o["metadata"]["name"]):
             if old["metadata"]["name"] not in names:
                 self.decision.delete.append(old)
                 self.decision.events.append(Event("PackRemoved", f"StatefulSet {old['metadata']['name']} is no "
                                                   "longer wanted: its replicas drain and stop"))
-        self.decision.apply += objects
+        self.decision.apply += [*objects, *statefulsets]
         self.status.plan, self.status.replicas = decided, sum(sizes)
         self.status.endpoint = service_endpoint(owner, spec)
         self.status.current_packs = len(sizes) - len(unplaced)
