@@ -65,12 +65,13 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
         return ScalingDecision(target, "up" if target > current else "down", "OutOfBounds",
                                f"{current} replicas are outside {low}..{high} (minPacks {policy.min_packs}, "
                                f"maxPacks {policy.max_packs} of {per_pack} slots): {target} replicas")
-    if len(loads) < current:
-        return ScalingDecision(current, "none", "MetricsUnavailable",
-                               f"{len(loads)}/{current} replicas reported their engine metrics: holding {current}")
     per_replica_target = knee_batch * policy.target_knee_percent / 100
     total = sum(e.load for e in loads)
     mean = total / current
+    # A replica that reported nothing (starting, or unschedulable) counts as idle against scaling up and as on
+    # target against scaling in, as the HorizontalPodAutoscaler counts pods without metrics.
+    missing = current - len(loads)
+    at_most = min(max(math.ceil((total + missing * per_replica_target) / per_replica_target), low), high)
     tokens = sum(e.tokens_per_s or 0 for e in loads)
     numbers = (f"load {total:g} requests (running + waiting) over {current} replicas = {mean:.1f} per replica, "
                f"target {per_replica_target:g} ({policy.target_knee_percent}% of knee batch {knee_batch}), "
@@ -97,6 +98,11 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
         return ScalingDecision(target, "up", "AllPacksAtKnee",
                                f"{numbers}: every pack is full and at its knee, so pack {packs_for(target, per_pack)} "
                                f"takes another GPU with {target - current} replica(s)", mean)
+    if missing and at_most >= current:
+        return ScalingDecision(current, "none", "MetricsUnavailable",
+                               f"{numbers}: {len(loads)}/{current} replicas reported their engine metrics, "
+                               f"holding {current}", mean)
+    wanted = at_most  # scale in no further than the replicas without metrics allow
     if wanted < current:
         if last_scale is not None and (now - last_scale).total_seconds() < policy.scale_in_cooldown_seconds:
             left = policy.scale_in_cooldown_seconds - (now - last_scale).total_seconds()
