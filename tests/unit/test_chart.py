@@ -61,9 +61,11 @@ def test_rbac_is_least_privilege(helm):
         for rule in rules:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], name
             assert not {"deletecollection", "escalate", "impersonate"} & set(rule["verbs"]), name
-    # The one thing the operator deletes: a DRA pack's old ResourceClaim, once no pod uses it.
+    # What the operator deletes: a pack's StatefulSet once the pack is no longer wanted, and a DRA pack's old
+    # ResourceClaim once no pod uses it.
     deletes = [r for rules in roles.values() for r in rules if "delete" in r["verbs"]]
-    assert [(r["apiGroups"], r["resources"]) for r in deletes] == [(["resource.k8s.io"], ["resourceclaims"])]
+    assert sorted((r["apiGroups"], r["resources"]) for r in deletes) == [
+        (["apps"], ["statefulsets"]), (["resource.k8s.io"], ["resourceclaims"])]
     assert roles["demo-slmpack-profiler"] == [{"apiGroups": ["slmpack.dev"], "resources": ["slmprofiles/status"],
                                                "verbs": ["get", "patch"]}]
     binds = [r for rules in roles.values() for r in rules if "bind" in r["verbs"]]
@@ -215,7 +217,8 @@ def _kube_method_calls(method: ast.FunctionDef, plurals: set[str]) -> set[tuple[
                           and a.value.endswith("s"))
             found.add(("slmpack.dev" if plural in plurals else DRA_GROUP, plural + status, verb))
         else:
-            found.add((CLIENT_GROUPS[target.attr], resource + "s" + status, verb))
+            # delete_namespaced_stateful_set acts on statefulsets
+            found.add((CLIENT_GROUPS[target.attr], resource.replace("_", "") + "s" + status, verb))
     return found
 
 

@@ -41,14 +41,17 @@ def test_every_field_is_described_and_structural(crd):
         assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
 
 
-def test_deployment_crd_names_columns_and_status_subresource():
+def test_deployment_crd_names_columns_and_the_status_and_scale_subresources():
     deployment = yaml.safe_load(GENERATED["slmdeployments.slmpack.dev.yaml"])
     names = deployment["spec"]["names"]
     version = deployment["spec"]["versions"][0]
     assert names["shortNames"] == ["slmd"]
-    assert version["subresources"] == {"status": {}}
+    # `kubectl scale slmd/NAME --replicas=P`, HPA and KEDA set the packs and find the pods by status.selector.
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.packs", "statusReplicasPath": ".status.currentPacks",
+        "labelSelectorPath": ".status.selector"}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "GPU", "Ready", "Planned", "Knee", "Tok/s", "Phase", "Age"]
+    assert columns == ["Model", "GPU", "Ready", "Planned", "Packs", "Knee", "Tok/s", "Phase", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["sharing"]["enum"] == ["mps", "time-slicing"]
     assert spec["properties"]["placement"]["enum"] == ["device-plugin", "dra"]

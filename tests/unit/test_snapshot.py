@@ -2,21 +2,7 @@
 (and so kopf's watch caches) holds them."""
 
 from slmpack import GPU_UUIDS_ANNOTATION
-from slmpack.controller.handlers import profiling_job as from_job
-from slmpack.controller.handlers import replica_state as from_pod
-
-
-def wire(obj):
-    """The object as the API (and so the watch cache) holds it."""
-    return client.ApiClient().sanitize_for_serialization(obj)
-
-
-def replica_state(pod):
-    return from_pod(wire(pod))
-
-
-def profiling_job(job):
-    return from_job(wire(job))
+from slmpack.controller.handlers import profiling_job, replica_state
 
 
 def test_a_replicas_gpus_come_from_the_annotation_the_node_exporter_writes():

@@ -76,6 +76,10 @@ class Kube:
         return client.CoreV1Api(self.api)
 
     @cached_property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @cached_property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
 
@@ -215,6 +219,19 @@ class Kube:
             group, version, namespace, "resourceclaims", label_selector=labels)["items"]
         # Items of a list carry no apiVersion or kind; the delete needs the version they were read in.
         return [{**item, "apiVersion": api_version, "kind": "ResourceClaim"} for item in items]
+
+    def delete_statefulset(self, statefulset: dict) -> None:
+        """Delete a StatefulSet as read (its uid a precondition, so a successor of the same name survives); its
+        pods go by garbage collection, gracefully: each runs its preStop drain before the engine stops."""
+        meta = statefulset["metadata"]
+        try:
+            self.apps.delete_namespaced_stateful_set(
+                meta["name"], meta["namespace"],
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"]),
+                                            propagation_policy="Background"))
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
 
     def delete_unused_claim(self, claim: dict) -> bool:
         """Delete a claim as it was read; True when deleted. The preconditions make the delete fail (409) if

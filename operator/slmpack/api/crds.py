@@ -104,7 +104,7 @@ AGE = _column("Age", ".metadata.creationTimestamp", "date", "Time since creation
 
 
 def crd(kind: str, plural: str, short: str, spec: type, status: type, description: str,
-        columns: list[dict]) -> dict[str, Any]:
+        columns: list[dict], subresources: dict | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -118,7 +118,7 @@ def crd(kind: str, plural: str, short: str, spec: type, status: type, descriptio
                 "name": API_VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": subresources or {"status": {}},
                 "additionalPrinterColumns": columns,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
@@ -146,11 +146,15 @@ def all_crds() -> list[dict[str, Any]]:
              _column("GPU", ".spec.gpu.product", description="The GPU product."),
              _column("Ready", ".status.readyReplicas", "integer", "Replicas ready."),
              _column("Planned", ".status.replicas", "integer", "Replicas planned."),
+             _column("Packs", ".status.currentPacks", "integer", "Packs (GPUs) running."),
              _column("Knee", ".status.plan.kneeBatchSize", "integer", "The knee batch size."),
              _column("Tok/s", ".status.plan.predictedThroughputTokensPerS", "number",
                      "Predicted aggregate output tokens per second."),
              _column("Phase", ".status.phase", description="A one-word summary of the conditions."),
-             AGE]),
+             AGE],
+            # `kubectl scale`, HPA and KEDA count packs: each is spec.replicas replicas on one GPU.
+            {"status": {}, "scale": {"specReplicasPath": ".spec.packs", "statusReplicasPath": ".status.currentPacks",
+                                     "labelSelectorPath": ".status.selector"}}),
         crd("SLMProfile", "slmprofiles", "slmp", SLMProfileSpec, SLMProfileStatus,
             "SLMProfile holds a measured throughput/latency curve of a model on a GPU and engine, its knee "
             "and the replication measurements. Deployments with the same conditions reuse it.",

@@ -252,6 +252,25 @@ class ResourceSpec(Model):
         default_factory=dict, description="Resource limits as quantities, e.g. {memory: 16Gi}.")
 
 
+class AutoscalingSpec(Model):
+    """GPU-aware autoscaling: fill each pack's GPU up to the profile's knee before taking another GPU."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.minPacks <= self.maxPacks",
+         "spec.autoscaling.minPacks is larger than maxPacks: lower minPacks or raise maxPacks")))
+
+    min_packs: int = Field(1, ge=1, le=64, description="The fewest packs (GPUs) to keep, however idle.")
+    max_packs: int = Field(4, ge=1, le=64, description="The most packs (GPUs) to use, however busy.")
+    target_knee_percent: int = Field(
+        80, ge=10, le=100,
+        description="The load to hold each replica at, in percent of the profile's knee batch (requests running "
+        "plus waiting per replica): above it a replica is added, and one is removed while the rest would stay "
+        "below it.")
+    scale_in_cooldown_seconds: int = Field(
+        300, ge=0, le=86400, description="How long after the last scaling a replica may be removed.")
+    period_seconds: int = Field(15, ge=5, le=3600, description="How often the engines' metrics are read.")
+
+
 # ---------------------------------------------------------------- conditions
 
 
@@ -294,6 +313,15 @@ class SLMDeploymentSpec(Model):
         "auto", description="auto sizes the replicas per GPU from the profile; a number fixes it and skips profiling."
     )
     profiling: ProfilingSpec = Field(default_factory=ProfilingSpec, description="The profiling policy.")
+    packs: int = Field(
+        1, ge=1, le=64,
+        description="Packs to run: each is spec.replicas replicas sharing one physical GPU, spread over the "
+        "matching GPUs and nodes, all behind the one Service. The unit of the scale subresource, so "
+        "`kubectl scale slmd/NAME --replicas=P`, an HPA or KEDA set it. Ignored while spec.autoscaling is set, "
+        "which decides the packs itself.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="GPU-aware autoscaling between minPacks and maxPacks. Unset means spec.packs packs, "
+        "each full.")
     port: int = Field(8000, ge=1024, le=65535, description="The port the engine serves its OpenAI API on.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="CPU and memory per replica.")
 
@@ -349,6 +377,29 @@ class ReplicaGPU(Model):
                                  description="The UUIDs of its GPUs, as the node reports them; empty until known.")
 
 
+class PackStatus(Model):
+    """One pack: a StatefulSet whose replicas share one physical GPU."""
+
+    name: str = Field(..., description="The pack's StatefulSet.")
+    node: str | None = Field(None, description="The node it is pinned to, or where its replicas run.")
+    gpu_uuids: list[str] = Field(default_factory=list, alias="gpuUUIDs",
+                                 description="The GPUs its replicas report; one when the pack shares one GPU.")
+    replicas: int = Field(..., description="Replicas planned in this pack.")
+    ready_replicas: int = Field(0, description="Its replicas that pass their readiness probe.")
+
+
+class AutoscalingStatus(Model):
+    """What the autoscaler last observed and decided."""
+
+    replicas: int = Field(..., description="The replicas it wants, over all packs (packs fill in order).")
+    last_scale_time: datetime | None = Field(None, description="When it last changed the replicas.")
+    load_per_replica: float | None = Field(None, description="Requests running plus waiting per replica, "
+                                           "as last read.")
+    reason: str = Field("", description="Why, in a CamelCase word: PackHasFreeSlots, AllPacksAtKnee, BelowTarget, "
+                        "CoolingDown, AtTarget...")
+    message: str = Field("", description="Its last decision, with its numbers.")
+
+
 class SLMDeploymentStatus(Model):
     """What the operator observed and decided."""
 
@@ -359,11 +410,16 @@ class SLMDeploymentStatus(Model):
     observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
     profile: str | None = Field(None, description="The name of the SLMProfile in use.")
     plan: Plan | None = Field(None, description="The chosen plan.")
-    replicas: int | None = Field(None, description="Planned replicas.")
-    ready_replicas: int | None = Field(None, description="Replicas that pass their readiness probe.")
+    replicas: int | None = Field(None, description="Planned replicas, all packs.")
+    ready_replicas: int | None = Field(None, description="Replicas that pass their readiness probe, all packs.")
     replica_gpus: list[ReplicaGPU] = Field(default_factory=list, alias="replicaGPUs",
                                            description="Per replica, the node and the GPUs it runs on.")
     endpoint: str | None = Field(None, description="The in-cluster URL of the OpenAI-compatible Service.")
+    current_packs: int | None = Field(None, description="Packs whose StatefulSet is applied (the scale "
+                                      "subresource's replicas).")
+    packs: list[PackStatus] = Field(default_factory=list, description="Per pack, its node, GPU and readiness.")
+    selector: str | None = Field(None, description="The label selector of all engine pods, for HPA and KEDA.")
+    autoscaling: AutoscalingStatus | None = Field(None, description="The autoscaler's state, while it is on.")
 
 
 # ---------------------------------------------------------------- SLMProfile

@@ -38,6 +38,7 @@ from kubernetes.utils import parse_quantity
 from prometheus_client import Counter, Histogram
 
 from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
+from slmpack.adapters.engine_metrics import EngineMetrics
 from slmpack.adapters.kube import Conflict, Kube, load_config
 from slmpack.api.models import SLMDeploymentStatus
 from slmpack.controller.leader import LeaderElection
@@ -67,6 +68,9 @@ ERRORS = Counter("slmpack_operator_errors_total", "Reconciles that raised an une
 CONFLICTS = Counter("slmpack_operator_conflicts_total", "Writes refused because the object had changed (409).")
 RECONCILE_SECONDS = Histogram("slmpack_operator_reconcile_duration_seconds", "Time of one reconcile.",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SCALING_DECISIONS = Counter("slmpack_operator_scaling_decisions_total",
+                            "The autoscaler's decisions, by direction (up, down, none) and reason.",
+                            ["direction", "reason"])
 PROFILING_SECONDS = Histogram("slmpack_operator_profiling_duration_seconds",
                               "Time from a profile's creation to its measurement, seen when it becomes ready.",
                               buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200))
@@ -135,6 +139,13 @@ async def service_index(namespace, name, meta, **_):
     return {("Service", namespace, name): meta.get("resourceVersion")}
 
 
+@kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def packs_by_deployment(namespace, name, uid, labels, **_):
+    """The packs' StatefulSets of each deployment: one no longer wanted is deleted."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                    "metadata": {"name": name, "namespace": namespace, "uid": uid}}}
+
+
 @kopf.index("", "v1", "pods", labels={PROFILE_LABEL: kopf.PRESENT, "job-name": kopf.PRESENT})
 async def profiler_pod_index(namespace, labels, status, **_):
     """Why each profiler pod ended (OOMKilled, Error and its exit code), by Job."""
@@ -166,7 +177,7 @@ def replica_state(pod: dict) -> cond.ReplicaState:
     engine = next((s for s in statuses if s.get("name") == "engine"), statuses[0] if statuses else None)
     uuids = (meta.get("annotations") or {}).get(GPU_UUIDS_ANNOTATION, "")
     spec = pod.get("spec") or {}
-    where = {"node": spec.get("nodeName"),
+    where = {"node": spec.get("nodeName"), "ip": status.get("podIP"),
              "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip()),
              "claims": tuple(c["resourceClaimName"] for c in spec.get("resourceClaims") or []
                              if c.get("resourceClaimName"))}
@@ -208,6 +219,7 @@ class Controller:
     written: dict[Key, str] = field(default_factory=dict)
     # (profile uid, deployment uid) pairs this operator added as profile users.
     users_added: set[tuple[str, str]] = field(default_factory=set)
+    engines: EngineMetrics = field(default_factory=EngineMetrics)
 
     def start(self) -> None:
         may_work = self.leader.wait_to_lead if self.leader else None
@@ -240,6 +252,7 @@ class Controller:
             jobs=tuple(profiling_job(j, self.all("profiler_pod_index", (namespace, j["metadata"]["name"])))
                        for j in self.all("job_index", namespace)),
             pods=self.all("pod_index", (namespace, label_value(name))),
+            statefulsets=self.all("packs_by_deployment", (namespace, label_value(name))),
         )
 
     # ---- one reconcile
@@ -275,6 +288,8 @@ class Controller:
         original, events = body, []
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
+        if (body.get("spec") or {}).get("autoscaling"):
+            snapshot = replace(snapshot, engine_loads=self.engines.loads(metrics_targets(body, snapshot)))
         for _ in range(MAX_ROUNDS):
             decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
             created = self.act(decision)
@@ -286,6 +301,8 @@ class Controller:
             body = with_status(body, decision.status)
             snapshot = with_created(snapshot, created)
         RECONCILES.labels(decision.outcome).inc()
+        if decision.scaling:
+            SCALING_DECISIONS.labels(decision.scaling.direction, decision.scaling.reason).inc()
         user_pending = False
         if decision.profile_user:
             profile, reference = decision.profile_user
@@ -317,10 +334,14 @@ class Controller:
         created = [obj for obj in map(self.kube.create_if_absent, decision.create) if obj]
         for obj in decision.apply:
             self.apply(obj)
-        for claim in decision.delete:
-            if self.kube.delete_unused_claim(claim):
-                log.info("deleted ResourceClaim %s/%s: no pod uses it", claim["metadata"]["namespace"],
-                         claim["metadata"]["name"])
+        for obj in decision.delete:
+            if obj["kind"] == "StatefulSet":
+                self.kube.delete_statefulset(obj)
+                log.info("deleted %s %s/%s: its pack is no longer wanted", obj["kind"], obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
+            elif self.kube.delete_unused_claim(obj):
+                log.info("deleted ResourceClaim %s/%s: no pod uses it", obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
         return created
 
     def apply(self, obj: dict) -> None:
@@ -349,6 +370,12 @@ def with_dra(kube: Kube, snapshot: ClusterSnapshot, namespace: str, name: str) -
     return replace(snapshot, resource_api_versions=versions,
                    resource_slices=tuple(kube.resource_slices(served, dra.DRIVER)),
                    resource_claims=tuple(kube.resource_claims(served, namespace, selector_labels(name))))
+
+
+def metrics_targets(body: dict, snapshot: ClusterSnapshot) -> dict[str, str]:
+    """Where each ready replica's engine serves /metrics."""
+    port = (body.get("spec") or {}).get("port", 8000)
+    return {p.name: f"http://{p.ip}:{port}/metrics" for p in snapshot.pods if p.ready and p.ip}
 
 
 def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnapshot:

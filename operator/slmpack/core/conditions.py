@@ -72,6 +72,7 @@ class ReplicaState:
     node: str | None = None  # the node it was scheduled to
     gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, from slmpack.GPU_UUIDS_ANNOTATION
     claims: tuple[str, ...] = ()  # the ResourceClaims it names (DRA placement)
+    ip: str | None = None  # the pod's IP, where the autoscaler reads its engine's /metrics
 
 
 FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",

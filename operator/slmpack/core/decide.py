@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from slmpack.api.models import (
+    AutoscalingStatus,
     Device,
     Placement,
     ReplicaGPU,
@@ -25,6 +26,7 @@ from slmpack.api.models import (
     SLMProfileStatus,
 )
 from slmpack.core import conditions as cond
+from slmpack.core.autoscale import EngineLoad, ScalingDecision, bounds, decide_scale
 from slmpack.core.dra import (
     DraTarget,
     DraUnavailable,
@@ -32,6 +34,7 @@ from slmpack.core.dra import (
     build_resource_claim,
     choose_device,
     claims_to_delete,
+    pack_claim,
     profiling_claim_template_name,
 )
 from slmpack.core.manifests import (
@@ -45,10 +48,13 @@ from slmpack.core.manifests import (
     build_service,
     build_statefulset,
     label_value,
+    pack_name,
     profile_conditions,
     profiling_job_name,
+    selector_labels,
     service_endpoint,
 )
+from slmpack.core.packs import assign_nodes, in_pack, layout, pack_status, packs_for, pinned
 from slmpack.core.planner import plan
 from slmpack.core.validation import GPUNode, InvalidSpec, NoMatchingNode, choose_node, parse_spec, spec_problems
 
@@ -92,6 +98,10 @@ class ClusterSnapshot:
     resource_slices: tuple[dict, ...] = ()
     # The deployment's ResourceClaims (DRA), as the API returns them.
     resource_claims: tuple[dict, ...] = ()
+    # The deployment's StatefulSets (one per pack), as the API returns them: a pack no longer wanted is deleted.
+    statefulsets: tuple[dict, ...] = ()
+    # With spec.autoscaling: the engines' load, read from each replica's /metrics.
+    engine_loads: tuple[EngineLoad, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,11 @@ class Decision:
     create: list[dict] = field(default_factory=list)
     # A profile shared by several deployments lists each as an owner: (profile, ownerReference) to add.
     profile_user: tuple[dict, dict] | None = None
-    # Deleted as read (the adapter makes the read a precondition): a DRA pack's earlier claims no pod uses.
+    # Deleted as read (the adapter makes the read a precondition): a DRA pack's earlier claims no pod uses,
+    # and the StatefulSets of packs no longer wanted.
     delete: list[dict] = field(default_factory=list)
+    # With spec.autoscaling: what the autoscaler decided this time.
+    scaling: ScalingDecision | None = None
     events: list[Event] = field(default_factory=list)
     # invalid | waiting | profiling | placed
     outcome: str = "placed"
@@ -307,74 +320,163 @@ class _Decider:
         # DRA nodes carry no device-plugin sharing slots: the measurement and the memory model decide.
         decided = plan(spec, profile, node.gpu_memory_mib, None if self.dra else node.sharing_slots, plugin_mps)
         owner = self.owner()
+        sizes = self.pack_sizes(spec, decided.replicas, decided.knee_batch_size or decided.max_num_seqs)
+        names = [pack_name(self.name, i) for i in range(len(sizes))]
+        previous = {names.index(p.name): p.node for p in self.before.packs if p.name in names and p.node}
+        nodes = assign_nodes(spec, node, self.cluster.nodes, len(sizes), previous) if pinned(spec) \
+            else [None] * len(sizes)
+        objects = [build_service(owner, spec)]
+        claims: list[str | None] = [None] * len(sizes)
         if self.dra is not None:
-            claim = build_resource_claim(owner, spec, decided, self.dra.api_version)
-            self.decision.create.append(claim)
-            objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, None,
-                                                                     claim["metadata"]["name"])]
-            in_use = {name for pod in self.cluster.pods for name in pod.claims}
-            for unused in claims_to_delete(self.cluster.resource_claims, in_use, claim["metadata"]["name"]):
+            for i, name in enumerate(names):
+                claim = build_resource_claim(owner, spec, decided, self.dra.api_version, pack=name if i else None)
+                self.decision.create.append(claim)
+                claims[i] = claim["metadata"]["name"]
+            in_use = {name for pod in self.cluster.pods for name in pod.claims} | set(claims)
+            current = claims[0] if claims else pack_claim(self.name, spec, decided).name
+            for unused in claims_to_delete(self.cluster.resource_claims, in_use, current):
                 self.decision.delete.append(unused)
                 self.decision.events.append(Event("ResourceClaimReleased", f"ResourceClaim {unused['metadata']['name']}"
                                                   " of an earlier plan: no replica uses it, so it is deleted"))
-            earlier = [c for c in self.cluster.resource_claims if c["metadata"]["name"] != claim["metadata"]["name"]]
+            earlier = [c for c in self.cluster.resource_claims if c["metadata"]["name"] not in claims]
             if len(earlier) > len(self.decision.delete):
                 # An earlier claim is still held while the pods roll over: look again, as no event may follow.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
-        else:
-            objects = [build_service(owner, spec), build_statefulset(owner, spec, decided, node)]
-        self.decision.apply += objects
-        self.status.plan, self.status.replicas = decided, decided.replicas
+        unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
+        statefulsets = [build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i, replicas=size)
+                        for i, size in enumerate(sizes) if names[i] not in unplaced]
+        for old in sorted(self.cluster.statefulsets, key=lambda o: o["metadata"]["name"]):
+            if old["metadata"]["name"] not in names:
+                self.decision.delete.append(old)
+                self.decision.events.append(Event("PackRemoved", f"StatefulSet {old['metadata']['name']} is no "
+                                                  "longer wanted: its replicas drain and stop"))
+        self.decision.apply += [*objects, *statefulsets]
+        self.status.plan, self.status.replicas = decided, sum(sizes)
         self.status.endpoint = service_endpoint(owner, spec)
+        self.status.current_packs = len(sizes) - len(unplaced)
+        self.status.selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+        self.status.packs = [pack_status(name, nodes[i], sizes[i], self.cluster.pods) for i, name in enumerate(names)]
         if spec.engine.device == Device.cpu:
             where = "on the CPU"
         elif self.dra is not None:
-            where = (f"sharing the GPU of ResourceClaim {claim['metadata']['name']} ({self.dra.api_version}, "
+            claim_names = ", ".join(c for c in claims if c)
+            where = (f"sharing the GPU of ResourceClaim {claim_names} ({self.dra.api_version}, "
                      f"{self.dra.candidates} matching GPU(s) published) by {spec.sharing.value}")
         elif node.sharing_strategy == "none":
             where = f"on node {node.name} on a whole GPU (the node does not share its GPUs)"
         else:
             where = f"on node {node.name} sharing one GPU by {spec.sharing.value}"
-        self.condition(cond.PLACED, True, "StatefulSetApplied",
-                       f"{decided.replicas} replica(s) {where}: {decided.explanation}")
-        self.follow_replicas(decided.replicas)
+        if len(sizes) != 1:
+            on = sorted({n.name for n in nodes if n is not None})
+            where = f"in {len(sizes)} packs of up to {decided.replicas}" + (f" on node(s) {', '.join(on)}" if on
+                                                                             else "")
+            where += " on the CPU" if spec.engine.device == Device.cpu else \
+                f", each sharing one GPU by {spec.sharing.value}"
+        if unplaced:
+            self.condition(cond.PLACED, False, "NoFreeGPU",
+                           f"{len(unplaced)} of {len(sizes)} packs ({', '.join(unplaced)}) have no node with a free "
+                           f"GPU like node {node.name}'s: add such a node or lower spec.packs "
+                           "(spec.autoscaling.maxPacks)", warn=True)
+            self.decision.retry_after_seconds = NODE_RETRY_SECONDS
+        else:
+            self.condition(cond.PLACED, True, "StatefulSetApplied",
+                           f"{sum(sizes)} replica(s) {where}: {decided.explanation}")
+        self.follow_replicas(sum(sizes))
         if spec.engine.device == Device.gpu:
-            self.check_one_gpu(spec, node, decided.replicas)
+            self.check_one_gpu(spec, [(name, nodes[i] or node, sizes[i]) for i, name in enumerate(names)])
 
-    def check_one_gpu(self, spec: SLMDeploymentSpec, node: GPUNode, planned: int) -> None:
-        """Whether the pack shares one physical GPU: verified from the UUIDs the node reports per replica,
-        guaranteed by the mechanism where it can be (one DRA claim, or a node with one GPU)."""
-        pods = sorted(self.cluster.pods, key=lambda p: p.name)
+    def pack_sizes(self, spec: SLMDeploymentSpec, per_pack: int, knee_batch: int) -> list[int]:
+        """Replicas per pack: spec.packs full packs, or what the autoscaler decides (an Event when it changes)."""
+        policy = spec.autoscaling
+        if policy is None:
+            self.status.autoscaling = None
+            return [per_pack] * spec.packs
+        low, high = bounds(policy, per_pack)
+        before = self.before.autoscaling
+        current = before.replicas if before else min(max(self.before.replicas or low, low), high)
+        names = [pack_name(self.name, i) for i in range(packs_for(current, per_pack))]
+        mine = [p for p in self.cluster.pods if any(in_pack(name, p.name) for name in names)]
+        loads = [e for e in self.cluster.engine_loads if any(in_pack(name, e.pod) for name in names)]
+        choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, sum(p.ready for p in mine),
+                              before.last_scale_time if before else None, self.now)
+        self.decision.scaling = choice
+        last = self.now if choice.changed else (before.last_scale_time if before else None)
+        self.status.autoscaling = AutoscalingStatus(replicas=choice.replicas, last_scale_time=last,
+                                                    load_per_replica=choice.load_per_replica, reason=choice.reason,
+                                                    message=choice.message)
+        if choice.changed:
+            self.decision.events.append(Event(f"Scaled{choice.direction.capitalize()}",
+                                              f"{current} -> {choice.replicas} replicas ({choice.reason}): "
+                                              f"{choice.message}"))
+        elif before is None or before.reason != choice.reason:
+            # A hold is posted when its reason changes, not at every look.
+            self.decision.events.append(Event(f"Scaling{choice.reason}", choice.message))
+        retry = policy.period_seconds
+        self.decision.retry_after_seconds = min(self.decision.retry_after_seconds or retry, retry)
+        return layout(choice.replicas, per_pack)
+
+    def check_one_gpu(self, spec: SLMDeploymentSpec, packs: list[tuple[str, GPUNode, int]]) -> None:
+        """Whether each pack shares one physical GPU, and no two packs share one: verified from the UUIDs the
+        node reports per replica, guaranteed by the mechanism where it can be (one DRA claim per pack, or a
+        node with one GPU)."""
+        owners: dict[str, set[str]] = {}
+        verdicts = []
+        for name, node, planned in packs:
+            pods = sorted((p for p in self.cluster.pods if in_pack(name, p.name)), key=lambda p: p.name)
+            for uuid in {u for p in pods for u in p.gpu_uuids}:
+                owners.setdefault(uuid, set()).add(name)
+            verdicts.append(self.one_gpu_verdict(spec, node, planned, pods, name if len(packs) > 1 else None))
+        shared = sorted((uuid, sorted(names)) for uuid, names in owners.items() if len(names) > 1)
+        if shared:
+            where = "; ".join(f"{', '.join(names)} on {uuid}" for uuid, names in shared)
+            self.condition(cond.ONE_GPU, False, "PacksShareAGPU",
+                           f"packs share a GPU ({where}), so they contend for it. The device plugin spreads shared "
+                           "slots over a node's GPUs: use placement dra, or nodes with one GPU "
+                           "(nvidia.com/gpu.count=1)", warn=True)
+            return
+        for status in ("False", "Unknown"):
+            failing = [v for v in verdicts if v[0] == status]
+            if failing:
+                self.condition(cond.ONE_GPU, status, failing[0][1], "; ".join(v[2] for v in failing),
+                               warn=status == "False")
+                return
+        if verdicts:
+            reasons = {v[1] for v in verdicts}
+            self.condition(cond.ONE_GPU, True, verdicts[0][1] if len(reasons) == 1 else "OnOneGPUEach",
+                           "; ".join(v[2] for v in verdicts))
+
+    def one_gpu_verdict(self, spec: SLMDeploymentSpec, node: GPUNode, planned: int, pods: list,
+                        pack: str | None) -> tuple[str, str, str]:
+        """(status, reason, message) of OneGPU for one pack; `pack` names it when there are several."""
+        the = f"pack {pack}" if pack else "the pack"
         by_gpu: dict[str, list[str]] = {}
         for pod in pods:
             for uuid in pod.gpu_uuids:
                 by_gpu.setdefault(uuid, []).append(pod.name)
         if len(by_gpu) > 1:
             where = "; ".join(f"{', '.join(names)} on {uuid}" for uuid, names in sorted(by_gpu.items()))
-            self.condition(cond.ONE_GPU, False, "SplitAcrossGPUs",
-                           f"the pack is split over {len(by_gpu)} GPUs of node {node.name} ({where}), so its "
-                           "replicas do not share one GPU. The device plugin spreads shared slots over a node's "
-                           "GPUs: use placement dra (one ResourceClaim, one GPU), or nodes with one GPU "
-                           "(nvidia.com/gpu.count=1); the plugin's packed allocation policy is best effort",
-                           warn=True)
-            return
+            return ("False", "SplitAcrossGPUs",
+                    f"{the} is split over {len(by_gpu)} GPUs of node {node.name} ({where}), so its "
+                    "replicas do not share one GPU. The device plugin spreads shared slots over a node's "
+                    "GPUs: use placement dra (one ResourceClaim, one GPU), or nodes with one GPU "
+                    "(nvidia.com/gpu.count=1); the plugin's packed allocation policy is best effort")
         reported = [p for p in pods if p.gpu_uuids]
         if by_gpu and len(reported) >= planned:
-            self.condition(cond.ONE_GPU, True, "OnOneGPU",
-                           f"all {len(reported)} replicas run on GPU {next(iter(by_gpu))} of node {node.name}")
-        elif planned == 1:
-            self.condition(cond.ONE_GPU, True, "SingleReplica", "one replica holds one slot, which is on one GPU")
-        elif spec.placement == Placement.dra:
-            self.condition(cond.ONE_GPU, True, "OneClaim",
-                           "every replica names the same ResourceClaim, which is allocated one GPU")
-        elif node.gpu_count == 1:
-            self.condition(cond.ONE_GPU, True, "SingleGPUNode",
-                           f"node {node.name} has one GPU (nvidia.com/gpu.count=1), so every slot is on it")
-        else:
-            count = f"{node.gpu_count} GPUs" if node.gpu_count else "an unlabelled number of GPUs"
-            self.condition(cond.ONE_GPU, "Unknown", "NotVerified",
-                           f"node {node.name} has {count} and the device plugin may spread the replicas over them: "
-                           f"{len(reported)}/{planned} replicas have reported their GPU so far")
+            return "True", "OnOneGPU", f"all {len(reported)} replicas{' of ' + pack if pack else ''} run on GPU " \
+                                       f"{next(iter(by_gpu))} of node {node.name}"
+        if planned == 1:
+            return "True", "SingleReplica", f"one replica{' in ' + pack if pack else ''} holds one slot, which is " \
+                                            "on one GPU"
+        if spec.placement == Placement.dra:
+            return "True", "OneClaim", f"every replica of {the} names the same ResourceClaim, which is allocated " \
+                                       "one GPU"
+        if node.gpu_count == 1:
+            return "True", "SingleGPUNode", f"node {node.name} has one GPU (nvidia.com/gpu.count=1), so every slot " \
+                                            "is on it"
+        count = f"{node.gpu_count} GPUs" if node.gpu_count else "an unlabelled number of GPUs"
+        return ("Unknown", "NotVerified",
+                f"node {node.name} has {count} and the device plugin may spread the replicas over them: "
+                f"{len(reported)}/{planned} replicas{' of ' + pack if pack else ''} have reported their GPU so far")
 
     def follow_replicas(self, planned: int) -> None:
         states = list(self.cluster.pods)

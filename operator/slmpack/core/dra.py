@@ -431,9 +431,11 @@ def pack_claim(deployment: str, spec: SLMDeploymentSpec, plan: Plan) -> PackClai
     return PackClaim(resource_claim_name(deployment, selectors, config), selectors, config)
 
 
-def build_resource_claim(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, api_version: str) -> dict:
-    """One claim per pack, shared by all its pods, with the NVIDIA driver's sharing settings from the plan."""
-    claim = pack_claim(owner.name, spec, plan)
+def build_resource_claim(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, api_version: str,
+                         pack: str | None = None) -> dict:
+    """One claim per pack, shared by all its pods, with the NVIDIA driver's sharing settings from the plan.
+    The first pack's claim is named for the deployment, another's for its StatefulSet `pack`."""
+    claim = pack_claim(pack or owner.name, spec, plan)
     return {
         "apiVersion": api_version,
         "kind": "ResourceClaim",

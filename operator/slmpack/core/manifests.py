@@ -31,6 +31,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "slmpack"}
 DEPLOYMENT_LABEL = f"{API_GROUP}/deployment"
 PROFILE_LABEL = f"{API_GROUP}/profile"
 PROFILE_KEY_LABEL = f"{API_GROUP}/profile-key"
+PACK_LABEL = f"{API_GROUP}/pack"
 PROFILER_SERVICE_ACCOUNT = "slmpack-profiler"
 ENGINE_UID = 10001
 # Long enough for a cold engine start on a CPU (about 90 s) or a large GPU model download.
@@ -96,6 +97,12 @@ def label_value(name: str) -> str:
 def workload_name(deployment: str) -> str:
     """The StatefulSet's and the Service's name: one name for both, as `kubectl get sts,svc NAME` expects."""
     return dns_name(deployment, limit=STATEFULSET_NAME_LIMIT)
+
+
+def pack_name(deployment: str, pack: int) -> str:
+    """A pack's StatefulSet: the first keeps the deployment's name, the others add `-pack-<i>`."""
+    return workload_name(deployment) if pack == 0 else dns_name(deployment, "pack", str(pack),
+                                                                 limit=STATEFULSET_NAME_LIMIT)
 
 
 def engine_labels(deployment: str) -> dict[str, str]:
@@ -238,12 +245,14 @@ def engine_args(spec: SLMDeploymentSpec, deployment: str, plan: Plan) -> list[st
 
 
 def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUNode | None,
-                      claim: str | None = None) -> dict:
+                      claim: str | None = None, pack: int = 0, replicas: int | None = None) -> dict:
     """One StatefulSet per GPU pack; OrderedReady so replicas start one by one and measure free memory right.
 
     No CUDA_MPS_* env: the MPS limits are the daemon's defaults (memory/R and 100/R % under the
     device plugin, the claim's settings under DRA), which the clients get without asking.
     Under DRA every pod names the pack's ResourceClaim `claim` (core/dra.py).
+    Pack `pack` runs `replicas` of the plan's slots (all of them when None); the first pack's
+    selector is the one it always had (selectors cannot change), the others' add the pack label.
     """
     volumes, mounts = scratch_volumes(spec, own_shm=not mps_client(spec, node))
     resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
@@ -280,18 +289,20 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "volumeMounts": mounts,
         "securityContext": restricted_security_context(),
     }]
+    labels = {**engine_labels(owner.name), PACK_LABEL: str(pack)}
+    selector = selector_labels(owner.name) | ({PACK_LABEL: str(pack)} if pack else {})
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": workload_name(owner.name), "namespace": owner.namespace,
-                     "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]},
+        "metadata": {"name": pack_name(owner.name, pack), "namespace": owner.namespace,
+                     "labels": labels, "ownerReferences": [owner.reference()]},
         "spec": {
-            "replicas": plan.replicas,
+            "replicas": plan.replicas if replicas is None else replicas,
             "serviceName": workload_name(owner.name),
             "podManagementPolicy": "OrderedReady",
-            "selector": {"matchLabels": selector_labels(owner.name)},
+            "selector": {"matchLabels": selector},
             "template": {
-                "metadata": {"labels": engine_labels(owner.name),
+                "metadata": {"labels": labels,
                              "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.port),
                                              "prometheus.io/path": "/metrics"}},
                 "spec": pod_spec,

@@ -100,6 +100,10 @@ def spec_problems(spec: SLMDeploymentSpec) -> list[str]:
     if shape > needed:
         problems.append(f"spec.profiling.workload needs {shape} tokens per request, more than "
                         f"spec.model.maxModelLen ({needed}): raise maxModelLen or shorten the workload")
+    scaling = spec.autoscaling
+    if scaling is not None and scaling.min_packs > scaling.max_packs:
+        problems.append(f"spec.autoscaling.minPacks ({scaling.min_packs}) is larger than maxPacks "
+                        f"({scaling.max_packs}): lower minPacks or raise maxPacks")
     if spec.placement == Placement.dra and spec.gpu.resource_name != "nvidia.com/gpu":
         problems.append("spec.gpu.resourceName applies to device-plugin placement only: remove it with placement dra")
     return problems
