@@ -320,11 +320,13 @@ def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_operator_rbac_grants_exactly_the_calls_the_operator_makes(helm):
-    docs = render(helm)
+    # Two replicas, so the leader election's Lease rules are rendered too.
+    docs = render(helm, "operator.replicas=2")
     operator_sa = "demo-slmpack-operator"
-    bound = {b["roleRef"]["name"] for b in docs if b["kind"] == "ClusterRoleBinding"
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs if b["kind"] in ("ClusterRoleBinding",
+                                                                                         "RoleBinding")
              and any(s["name"] == operator_sa for s in b["subjects"])}
-    rules = [r for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] in bound for r in d["rules"]]
+    rules = [r for d in docs if (d["kind"], d["metadata"]["name"]) in bound for r in d["rules"]]
     calls = operator_calls()
     assert ("apps", "statefulsets", "patch") in calls and ("", "pods", "watch") in calls  # the reading works
     assert granted(rules) - calls == set(), "the chart grants verbs the operator never uses"
