@@ -49,8 +49,9 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
         [sys.executable, "-m", "slmpack.cli", "profile", "--engine", "vllm", "--device", "cpu",
          "--model", str(smollm2_model_dir), "--max-model-len", "512", "--min-batch", "1", "--max-batch", "8",
          "--input-tokens", "32", "--output-tokens", "16", "--max-replicas", "2", "--precision-percent", "10",
-         "--port-base", "18110", "--out", str(out)],
-        capture_output=True, text=True, timeout=1500)
+         "--min-repeats", "3", "--max-repeats", "3", "--port-base", "18110", "--out", str(out)],
+        # Three engine starts that compile for minutes each on two cores, and more on a busy machine.
+        capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     batches = [p["batchSize"] for p in report["points"]]
