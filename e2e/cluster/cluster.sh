@@ -187,7 +187,11 @@ gpu_plugin() { # the emulated NVIDIA device plugin and GFD labels, settings from
   [ "${SLMPACK_GPUS:-1}" = 0 ] && { log "SLMPACK_GPUS=0: no emulated GPUs"; return 0; }
   local logfile=$DIR/logs/nvidia-device-plugin.log; mkdir -p "$DIR/logs"
   local before; before=$(grep -c "registered nvidia.com/gpu" "$logfile" 2>/dev/null || true)
-  start nvidia-device-plugin env PYTHONPATH="$ROOT/operator:$ROOT" "${PYTHON:-python3}" -m e2e.cluster.nvidia_device_plugin \
+  # The project's environment has grpcio; PYTHON overrides it (a relative path is taken from the root).
+  local python=${PYTHON:-$ROOT/.venv/bin/python}
+  case $python in /*) ;; */*) python=$ROOT/$python ;; esac
+  [ -x "$python" ] || command -v "$python" >/dev/null || python=python3
+  start nvidia-device-plugin env PYTHONPATH="$ROOT/operator:$ROOT" "$python" -m e2e.cluster.nvidia_device_plugin \
     --kubeconfig "$DIR/kubeconfig" --node localhost --mps-root "$DIR/nvidia-mps"
   wait_for 60 "the emulated device plugin to register" \
     sh -c "[ \$(grep -c 'registered nvidia.com/gpu' '$logfile') -gt ${before:-0} ]" \
