@@ -52,7 +52,7 @@ lint: deps ## ruff and the import layers
 
 test: deps lint k8s-binaries helm images ## every test tier: unit, control plane, node, engine, Prometheus, chart
 	# pytest exits 5 when it collected no test: a suite that ran nothing has failed.
-	$(PYTHON) -m pytest -ra; status=$$?; \
+	$(PYTHON) -m pytest -ra --durations=25; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
 
 test-fast: deps ## unit tests only (seconds)

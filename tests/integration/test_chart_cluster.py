@@ -135,7 +135,8 @@ def previous_chart(tmp_path: Path) -> Path:
 def slmdeployment() -> dict:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": NAME}, "spec": {
         "model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
-        "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
+        "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1,
+                   "extraArgs": ["--enforce-eager"]},  # starts in seconds, not minutes of compiling
         "sharing": "mps", "replicas": 1,
         "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "6Gi"}}}}
 

@@ -351,7 +351,8 @@ def test_a_plan_change_rolls_the_replicas_while_the_service_keeps_answering(k):
     ready_profile(k, "knee-8", knee=8)
     ready_profile(k, "knee-4", knee=4)
     spec = {"model": {"name": "/models/SmolLM2-135M-Instruct", "maxModelLen": 512},
-            "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1},
+            "engine": {"device": "cpu", "image": "slmpack/engine-cpu:0.1.0", "cpuKvCacheSpaceGib": 1,
+                       "extraArgs": ["--enforce-eager"]},  # four starts: seconds each, not minutes
             "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"profileRef": "knee-8"},
             "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
     with KopfRunner(operator(k.ns)) as runner:

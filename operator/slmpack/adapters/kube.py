@@ -195,6 +195,11 @@ class Kube:
                 return False
             raise
 
+    def get_profile(self, namespace: str, name: str) -> dict | None:
+        """The SLMProfile through its status subresource, which is all the profiler's role may read."""
+        return absent_as_none(lambda: self.custom.get_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, "slmprofiles", name))
+
     def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(
             API_GROUP, API_VERSION, namespace, "slmprofiles", name, {"status": status})
