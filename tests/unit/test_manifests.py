@@ -78,6 +78,11 @@ def test_cpu_mode_sets_the_kv_cache_space_and_no_gpu_flags():
     assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in engine(sts)["env"]
     assert "--gpu-memory-utilization" not in engine(sts)["args"]
     assert engine(sts)["image"] == "slmpack/engine-cpu:0.1.0"
+    # No measured thread count: unbound all the same, or every replica's threads would be pinned to core 0.
+    env = {e["name"]: e["value"] for e in engine(sts)["env"]}
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and "OMP_NUM_THREADS" not in env
+    assert not {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"} & {e["name"] for e in engine(
+        build_statefulset(OWNER, spec(), PLAN, None))["env"]}
 
 
 def test_service_selects_the_engine_pods():

@@ -53,7 +53,7 @@ def cpu_threads_env(threads: int | None) -> dict[str, str]:
     it may use, so co-located replicas of a StatefulSet, which cannot tell each other
     apart, would all compute on core 0. Unbound threads, (cores - 1)/N per replica, spread
     instead. The profiler runs its k replicas the same way, so it measures what is deployed.
+    `threads` None (no measured count) leaves the thread count to OpenMP, unbound all the same.
     """
-    if threads is None:
-        return {}
-    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
+    unbound = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return unbound if threads is None else unbound | {"OMP_NUM_THREADS": str(threads)}

@@ -276,8 +276,9 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec) + [{"name": k, "value": v} for k, v in
-                                 cpu_threads_env(plan.cpu_threads_per_replica).items()],
+        "env": base_env(spec) + ([{"name": k, "value": v} for k, v in
+                                  cpu_threads_env(plan.cpu_threads_per_replica).items()]
+                                 if spec.engine.device == Device.cpu else []),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
