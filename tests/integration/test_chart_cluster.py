@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.fixtures.cluster import local_image
+from tests.fixtures.cluster import IMAGES, local_image
 from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
@@ -35,6 +35,8 @@ GROUP, VERSION = "slmpack.dev", "v1alpha1"
 NAME = "chat"
 # Built by `make images` (a prerequisite of `make test`), imported into the node here.
 CHART_IMAGES = ["slmpack/operator:0.1.0", "slmpack/exporter:0.1.0"]
+# The operator chart 0.1.0 shipped, built from that commit (the current build reuses its tag).
+PREVIOUS_OPERATOR_TAG = "0.1.0-previous"
 SERVING_IMAGES = ["slmpack/engine-cpu:0.1.0", "slmpack/prometheus:0.1.0"]
 
 
@@ -124,12 +126,24 @@ def ready(pod: client.V1Pod) -> bool:
     return bool(statuses) and all(s.ready for s in statuses)
 
 
-def previous_chart(tmp_path: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_CHART_COMMIT, "charts/slmpack"], cwd=ROOT,
+def previous_tree(tmp_path: Path) -> Path:
+    """The project's files as chart 0.1.0 shipped them."""
+    archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_CHART_COMMIT], cwd=ROOT,
                              capture_output=True, check=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(tmp_path, filter="data")
-    return tmp_path / "charts" / "slmpack"
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def previous(node_kubeconfig, tmp_path_factory) -> Path:
+    """Chart 0.1.0's tree, with its operator image built (once; cached as a tar keyed by its inputs) and on
+    the node: today's operator under 0.1.0's RBAC would be refused what it now watches."""
+    tree = previous_tree(tmp_path_factory.mktemp("previous"))
+    subprocess.run([IMAGES, "build", f"slmpack/operator:{PREVIOUS_OPERATOR_TAG}", tree / "images/slmpack.Dockerfile",
+                    tree], check=True, capture_output=True, timeout=1800, env={**os.environ, "TARGET": "operator"})
+    local_image(f"slmpack/operator:{PREVIOUS_OPERATOR_TAG}")
+    return tree
 
 
 def slmdeployment() -> dict:
@@ -177,7 +191,7 @@ def serve(api_client, app_namespace: str) -> client.V1Pod:
 
 
 def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
-        node_kubeconfig, namespace, app_namespace, api_client, releases, tmp_path):
+        node_kubeconfig, namespace, app_namespace, api_client, releases, previous):
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
@@ -190,28 +204,40 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
             raise
     release = f"r{uuid.uuid4().hex[:6]}"
 
-    # Chart 0.1.0 with a live, serving SLMDeployment.
-    run(node_kubeconfig, HELM, "install", release, previous_chart(tmp_path), "--namespace", namespace, "--wait",
-        "--timeout", "5m", *release_values(app_namespace))
+    # Chart 0.1.0, its CRDs and its operator, with a live, serving SLMDeployment.
+    run(node_kubeconfig, KUBECTL, "apply", "--server-side", "--force-conflicts", "-f",
+        previous / "charts/slmpack/crds")
+    run(node_kubeconfig, HELM, "install", release, previous / "charts/slmpack", "--namespace", namespace, "--wait",
+        "--timeout", "5m", *release_values(app_namespace), "--set", f"operator.image.tag={PREVIOUS_OPERATOR_TAG}")
     releases.append((release, namespace))
-    engine = serve(api_client, app_namespace)
+    serve(api_client, app_namespace)
 
-    # The documented upgrade: CRDs first (helm never upgrades crds/), then the chart.
-    run(node_kubeconfig, KUBECTL, "apply", "--server-side", "--force-conflicts", "-f", CHART / "crds")
+    # The documented upgrade: CRDs first (helm never upgrades crds/), then the chart. Kubernetes 1.20 knows
+    # no CEL rules (x-kubernetes-validations, 1.25+), so the README's form for it: client-side, unvalidated.
+    run(node_kubeconfig, KUBECTL, "apply", "--validate=false", "-f", CHART / "crds")
     run(node_kubeconfig, HELM, "upgrade", release, CHART, "--namespace", namespace, "--wait", "--timeout", "5m",
         *release_values(app_namespace))
 
-    # The engine kept running through it, and still answers.
-    after = core.read_namespaced_pod(f"{NAME}-0", app_namespace)
-    assert after.metadata.uid == engine.metadata.uid
-    assert all(s.restart_count == 0 for s in after.status.container_statuses)
+    # The new operator takes the deployment over: 0.2.0's replicas differ from 0.1.0's (unbound CPU threads,
+    # a drain hook), so the replica is replaced once, and the deployment serves again on its own.
+    wait(lambda: engine_on_the_new_template(api_client, app_namespace),
+         600, "the replica on 0.2.0's template")
+    wait(lambda: available(custom, app_namespace), 600, "the SLMDeployment to be Available again")
     assert complete(core, app_namespace)
-    assert available(custom, app_namespace)
     # The new operator, with the new RBAC, reconciles it: a deleted Service comes back.
     core.delete_namespaced_service(NAME, app_namespace)
     core.patch_namespaced_pod(f"{NAME}-0", app_namespace, {"metadata": {"annotations": {"test/poke": "1"}}})
     wait(lambda: core.read_namespaced_service(NAME, app_namespace), 120, "the operator to re-create the Service")
     assert complete(core, app_namespace)
+
+
+def engine_on_the_new_template(api_client, namespace: str) -> bool:
+    """The StatefulSet rolled to what the current operator builds, and its replica ready on it."""
+    sts = client.AppsV1Api(api_client).read_namespaced_stateful_set(NAME, namespace)
+    env = {e.name for e in sts.spec.template.spec.containers[0].env or []}
+    pod = client.CoreV1Api(api_client).read_namespaced_pod(f"{NAME}-0", namespace)
+    return ("VLLM_CPU_OMP_THREADS_BIND" in env and sts.status.update_revision == sts.status.current_revision
+            and pod.metadata.labels.get("controller-revision-hash") == sts.status.update_revision and ready(pod))
 
 
 def engine_from_the_operators_builders(api_client, namespace: str) -> None:

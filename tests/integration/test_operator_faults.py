@@ -142,8 +142,6 @@ def test_killed_mid_profiling_mid_apply_and_mid_status_write_it_converges(k, ope
     assert operator.process.poll() is None, operator.output()
 
 
-@pytest.mark.skip(reason="failed once on a quiet machine after the merge of the work queue with the pure decision; "
-                         "to be diagnosed before it guards the build again")
 def test_a_burst_with_the_operator_killed_every_second_converges_to_one_profile_and_one_job(k, operators):
     operator = operators().start()
     names = [f"burst-{i}" for i in range(4)]

@@ -60,6 +60,8 @@ MAX_ROUNDS = 3
 # While a profile is measured, look again now and then even if no event comes (a missed watch event).
 PROFILING_RESYNC_SECONDS = 60
 CONFLICT_RETRY_SECONDS = 0.2
+# A create found its object there already: the watch cache is behind, look again shortly.
+CACHE_BEHIND_RETRY_SECONDS = 1.0
 # Events that announce an object the decision creates: posted only by the reconcile that created it.
 CREATION_EVENTS = {"ProfileCreated": "SLMProfile", "ProfilingStarted": "Job"}
 
@@ -264,7 +266,7 @@ class Controller:
         started = time.monotonic()
         snapshot = self.snapshot(*key)
         try:
-            decision, user_pending = await asyncio.get_running_loop().run_in_executor(
+            decision, user_pending, cache_behind = await asyncio.get_running_loop().run_in_executor(
                 self.threads, self.reconcile_once, body, snapshot)
         except Conflict as error:
             CONFLICTS.inc()
@@ -276,15 +278,18 @@ class Controller:
             RECONCILE_SECONDS.observe(time.monotonic() - started)
         if user_pending:
             return CONFLICT_RETRY_SECONDS
+        if cache_behind:
+            return CACHE_BEHIND_RETRY_SECONDS
         if decision.outcome == "profiling":
             return decision.retry_after_seconds or PROFILING_RESYNC_SECONDS
         return decision.retry_after_seconds
 
-    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, bool]:
+    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, bool, bool]:
         """Decide and act, again while acting created objects the decision depends on (the profile's
         uid); then write the status, conditionally on the resourceVersion the decision read, and
-        post its Events once it is written. True with the decision when the profile still lacks
-        this deployment as a user (a concurrent writer came first)."""
+        post its Events once it is written. With the decision: whether the profile still lacks this
+        deployment as a user (a concurrent writer came first), and whether a create found its object
+        there already, so that the decision went without what it needs from it (the profile's uid)."""
         original, events = body, []
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
@@ -293,6 +298,7 @@ class Controller:
         for _ in range(MAX_ROUNDS):
             decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
             created = self.act(decision)
+            cache_behind = len(created) < len(decision.create)
             kinds = {obj["kind"] for obj in created}
             # A create that found the object there already (made by a concurrent reconcile) is no news.
             events += [e for e in decision.events if CREATION_EVENTS.get(e.reason, "any") in kinds | {"any"}]
@@ -326,7 +332,7 @@ class Controller:
                      event.message)
         if decision.profiling_seconds:
             PROFILING_SECONDS.observe(decision.profiling_seconds)
-        return decision, user_pending
+        return decision, user_pending, cache_behind
 
     def act(self, decision: Decision) -> list[dict]:
         """Create and apply what the decision asks for; the objects it created, which the next
