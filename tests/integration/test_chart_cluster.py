@@ -225,7 +225,8 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
     wait(lambda: available(custom, app_namespace), 600, "the SLMDeployment to be Available again")
     assert complete(core, app_namespace)
     # The new operator, with the new RBAC, reconciles it: a deleted Service comes back.
-    core.delete_namespaced_service(NAME, app_namespace)
+    # Not deserialized: the 1.20 apiserver answers a Service's deletion with a Status, not the Service.
+    core.delete_namespaced_service(NAME, app_namespace, _preload_content=False)
     core.patch_namespaced_pod(f"{NAME}-0", app_namespace, {"metadata": {"annotations": {"test/poke": "1"}}})
     wait(lambda: core.read_namespaced_service(NAME, app_namespace), 120, "the operator to re-create the Service")
     assert complete(core, app_namespace)
