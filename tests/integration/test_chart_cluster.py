@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from e2e.cluster.nvidia_device_plugin import GpuNode
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.fixtures.cluster import IMAGES, local_image
-from tests.fixtures.fake_gpu import advertise
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.engine, pytest.mark.prometheus]
 
@@ -175,13 +175,11 @@ def query(url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def serve(api_client, app_namespace: str) -> client.V1Pod:
-    """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod."""
+def serve(api_client, app_namespace: str, emulated_plugin) -> client.V1Pod:
+    """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod. The node
+    shares its GPU by MPS, as the spec asks, whatever an earlier test left the emulated plugin doing."""
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
-    node = core.read_node("localhost")
-    if int(node.status.allocatable.get("nvidia.com/gpu") or 0) == 0 or \
-            "nvidia.com/gpu.sharing-strategy" not in (node.metadata.labels or {}):
-        advertise(core, replicas=4)
+    emulated_plugin.start(GpuNode(sharing="mps", replicas=4))
     for tag in SERVING_IMAGES:
         local_image(tag)
     custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
@@ -191,7 +189,7 @@ def serve(api_client, app_namespace: str) -> client.V1Pod:
 
 
 def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
-        node_kubeconfig, namespace, app_namespace, api_client, releases, previous):
+        node_kubeconfig, namespace, app_namespace, api_client, releases, previous, emulated_plugin):
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     rbac = client.RbacAuthorizationV1Api(api_client)
     try:
@@ -210,7 +208,7 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
     run(node_kubeconfig, HELM, "install", release, previous / "charts/slmpack", "--namespace", namespace, "--wait",
         "--timeout", "5m", *release_values(app_namespace), "--set", f"operator.image.tag={PREVIOUS_OPERATOR_TAG}")
     releases.append((release, namespace))
-    serve(api_client, app_namespace)
+    serve(api_client, app_namespace, emulated_plugin)
 
     # The documented upgrade: CRDs first (helm never upgrades crds/), then the chart. Kubernetes 1.20 knows
     # no CEL rules (x-kubernetes-validations, 1.25+), so the README's form for it: client-side, unvalidated.
