@@ -195,10 +195,11 @@ def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
         wait(lambda: k.statefulset("a"), what="StatefulSet a")
         k.create(deployment("b", port=9000))
         sts = wait(lambda: k.statefulset("b"), what="StatefulSet b")
+        # The reconcile that applied the StatefulSet adds the user and writes the status after it.
+        wait(lambda: k.status("b").get("profile") == profile, what="b's status naming the profile")
+        wait(lambda: {o["name"] for o in k.profiles()[0]["metadata"].get("ownerReferences", [])} == {"a", "b"},
+             what="a and b as the profile's users")
         assert len(k.profiles()) == 1 and len(k.jobs()) == 1
-        assert k.status("b")["profile"] == profile
-        owners = {o["name"] for o in k.profiles()[0]["metadata"]["ownerReferences"]}
-        assert owners == {"a", "b"}
         assert sts.spec.replicas == 2
 
         k.patch("b", {"replicas": 1})
