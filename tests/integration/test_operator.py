@@ -187,13 +187,17 @@ def test_fixed_replicas_skip_profiling(k):
     assert runner.exception is None, runner.output
 
 
+# An image no node has: the profiling Job's pod never runs, so only the test writes the profile.
+ABSENT_IMAGE = {"device": "cpu", "image": "registry.invalid/slmpack/absent:0"}
+
+
 def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
     with KopfRunner(operator(k.ns)) as runner:
-        k.create(deployment("a"))
+        k.create(deployment("a", engine=ABSENT_IMAGE))
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         k.write_profile(profile)
         wait(lambda: k.statefulset("a"), what="StatefulSet a")
-        k.create(deployment("b", port=9000))
+        k.create(deployment("b", port=9000, engine=ABSENT_IMAGE))
         sts = wait(lambda: k.statefulset("b"), what="StatefulSet b")
         # The reconcile that applied the StatefulSet adds the user and writes the status after it.
         wait(lambda: k.status("b").get("profile") == profile, what="b's status naming the profile")

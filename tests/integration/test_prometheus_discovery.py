@@ -101,7 +101,8 @@ def test_prometheus_keeps_this_releases_pods_and_the_engines_with_the_rule_label
         deadline = time.monotonic() + 60
         targets = []
         while time.monotonic() < deadline and len(targets) < 3:
-            with contextlib.suppress(httpx.HTTPError):
+            # Until it is ready Prometheus answers 503 with a text body, not JSON.
+            with contextlib.suppress(httpx.HTTPError, ValueError):
                 targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).json()["data"][
                     "activeTargets"]
             time.sleep(0.5)
