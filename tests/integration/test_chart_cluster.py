@@ -175,8 +175,8 @@ def query(url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def serve(api_client, app_namespace: str, emulated_plugin) -> client.V1Pod:
-    """A live SLMDeployment of one CPU replica (no profiling), once Available: its engine pod. The node
+def serve(api_client, app_namespace: str, emulated_plugin) -> None:
+    """A live SLMDeployment of one CPU replica (no profiling), once Available and answering. The node
     shares its GPU by MPS, as the spec asks, whatever an earlier test left the emulated plugin doing."""
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     emulated_plugin.start(GpuNode(sharing="mps", replicas=4))
@@ -185,7 +185,6 @@ def serve(api_client, app_namespace: str, emulated_plugin) -> client.V1Pod:
     custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
     wait(lambda: available(custom, app_namespace), 900, "the SLMDeployment to become Available")
     assert complete(core, app_namespace)
-    return core.read_namespaced_pod(f"{NAME}-0", app_namespace)
 
 
 def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(

@@ -25,6 +25,7 @@ def operator(namespace):
     return ["run", "--standalone", "--namespace", namespace, "-m", "slmpack.controller.handlers"]
 # The emulated device plugin's resource.
 GPU_RESOURCE = "nvidia.com/gpu"
+MISSING_IMAGE = "registry.invalid/slmpack/absent:0"  # never pulls: pods stay waiting, at no cost
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
@@ -187,17 +188,14 @@ def test_fixed_replicas_skip_profiling(k):
     assert runner.exception is None, runner.output
 
 
-# An image no node has: the profiling Job's pod never runs, so only the test writes the profile.
-ABSENT_IMAGE = {"device": "cpu", "image": "registry.invalid/slmpack/absent:0"}
-
-
 def test_two_deployments_share_one_profile_and_a_spec_change_replans(k):
     with KopfRunner(operator(k.ns)) as runner:
-        k.create(deployment("a", engine=ABSENT_IMAGE))
+        # Its profiling Job never runs, so only the test writes the profile.
+        k.create(deployment("a", engine={"device": "cpu", "image": MISSING_IMAGE}))
         profile = wait(lambda: k.profiles(), what="an SLMProfile")[0]["metadata"]["name"]
         k.write_profile(profile)
         wait(lambda: k.statefulset("a"), what="StatefulSet a")
-        k.create(deployment("b", port=9000, engine=ABSENT_IMAGE))
+        k.create(deployment("b", port=9000, engine={"device": "cpu", "image": MISSING_IMAGE}))
         sts = wait(lambda: k.statefulset("b"), what="StatefulSet b")
         # The reconcile that applied the StatefulSet adds the user and writes the status after it.
         wait(lambda: k.status("b").get("profile") == profile, what="b's status naming the profile")

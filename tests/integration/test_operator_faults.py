@@ -19,13 +19,12 @@ from kubernetes import client
 from slmpack.api.models import SLMDeploymentSpec
 from slmpack.core.manifests import MANAGED_BY, PROFILE_KEY_LABEL, PROFILE_LABEL, profile_conditions, profile_name
 from slmpack.core.manifests import profiling_job_name as job_name_of
-from tests.integration.test_operator import GROUP, VERSION, Cluster, cluster, deployment, wait  # noqa: F401
+from tests.integration.test_operator import GROUP, MISSING_IMAGE, VERSION, Cluster, cluster, deployment, wait  # noqa: F401
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_CPU = "slmpack/engine-cpu:0.1.0"
-MISSING_IMAGE = "registry.invalid/slmpack/absent:0"  # never pulls: pods stay waiting, at no cost
 H100_MEMORY_MIB = 81559  # what tests.fixtures.fake_gpu advertises
 
 

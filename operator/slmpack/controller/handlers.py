@@ -266,7 +266,7 @@ class Controller:
         started = time.monotonic()
         snapshot = self.snapshot(*key)
         try:
-            decision, user_pending, cache_behind = await asyncio.get_running_loop().run_in_executor(
+            decision, look_again = await asyncio.get_running_loop().run_in_executor(
                 self.threads, self.reconcile_once, body, snapshot)
         except Conflict as error:
             CONFLICTS.inc()
@@ -276,20 +276,19 @@ class Controller:
             raise
         finally:
             RECONCILE_SECONDS.observe(time.monotonic() - started)
-        if user_pending:
-            return CONFLICT_RETRY_SECONDS
-        if cache_behind:
-            return CACHE_BEHIND_RETRY_SECONDS
+        if look_again:
+            return look_again
         if decision.outcome == "profiling":
             return decision.retry_after_seconds or PROFILING_RESYNC_SECONDS
         return decision.retry_after_seconds
 
-    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, bool, bool]:
+    def reconcile_once(self, body: dict, snapshot: ClusterSnapshot) -> tuple[Decision, float | None]:
         """Decide and act, again while acting created objects the decision depends on (the profile's
         uid); then write the status, conditionally on the resourceVersion the decision read, and
-        post its Events once it is written. With the decision: whether the profile still lacks this
-        deployment as a user (a concurrent writer came first), and whether a create found its object
-        there already, so that the decision went without what it needs from it (the profile's uid)."""
+        post its Events once it is written. With the decision: how soon to look again, when the
+        profile still lacks this deployment as a user (a concurrent writer came first) or a create
+        found its object there already, so the decision went without what it needs from it (the
+        profile's uid); None otherwise."""
         original, events = body, []
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
@@ -332,7 +331,8 @@ class Controller:
                      event.message)
         if decision.profiling_seconds:
             PROFILING_SECONDS.observe(decision.profiling_seconds)
-        return decision, user_pending, cache_behind
+        look_again = CONFLICT_RETRY_SECONDS if user_pending else CACHE_BEHIND_RETRY_SECONDS if cache_behind else None
+        return decision, look_again
 
     def act(self, decision: Decision) -> list[dict]:
         """Create and apply what the decision asks for; the objects it created, which the next

@@ -191,6 +191,14 @@ def base_env(spec: SLMDeploymentSpec) -> list[dict]:
     return env + [e.to_wire() for e in spec.engine.env]
 
 
+def replica_env(spec: SLMDeploymentSpec, plan: Plan) -> list[dict]:
+    """An engine replica's env: the base, and on CPU its OpenMP threads, always unbound."""
+    env = base_env(spec)
+    if spec.engine.device == Device.cpu:
+        env += [{"name": k, "value": v} for k, v in cpu_threads_env(plan.cpu_threads_per_replica).items()]
+    return env
+
+
 def node_selector(spec: SLMDeploymentSpec, node: GPUNode | None) -> dict[str, str]:
     selector = dict(spec.gpu.node_selector)
     if node:
@@ -276,9 +284,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": engine_args(spec, owner.name, plan),
-        "env": base_env(spec) + ([{"name": k, "value": v} for k, v in
-                                  cpu_threads_env(plan.cpu_threads_per_replica).items()]
-                                 if spec.engine.device == Device.cpu else []),
+        "env": replica_env(spec, plan),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
