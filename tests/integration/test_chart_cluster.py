@@ -169,6 +169,18 @@ def complete(core, namespace) -> str:
     return answer
 
 
+def answers(core, namespace) -> str:
+    """A completion through the Service once it sends to the ready replica. A pod turns Ready before the
+    endpoints controller lists it and kube-proxy writes its rules; until then the ClusterIP refuses."""
+    def listed():
+        pod_ip = core.read_namespaced_pod(f"{NAME}-0", namespace).status.pod_ip
+        subsets = core.read_namespaced_endpoints(NAME, namespace).subsets or []
+        return pod_ip in {a.ip for s in subsets for a in s.addresses or []}
+
+    wait(listed, 60, "the Service's endpoints to list the ready replica")
+    return wait(lambda: complete(core, namespace), 60, "the Service to answer")
+
+
 def query(url: str, expr: str) -> list[dict]:
     body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
     assert body["status"] == "success", body
@@ -184,7 +196,7 @@ def serve(api_client, app_namespace: str, emulated_plugin) -> None:
         local_image(tag)
     custom.create_namespaced_custom_object(GROUP, VERSION, app_namespace, "slmdeployments", slmdeployment())
     wait(lambda: available(custom, app_namespace), 900, "the SLMDeployment to become Available")
-    assert complete(core, app_namespace)
+    assert answers(core, app_namespace)
 
 
 def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
@@ -220,13 +232,13 @@ def test_upgrade_from_the_previous_chart_keeps_a_live_slmdeployment_serving(
     wait(lambda: engine_on_the_new_template(api_client, app_namespace),
          600, "the replica on 0.2.0's template")
     wait(lambda: available(custom, app_namespace), 600, "the SLMDeployment to be Available again")
-    assert complete(core, app_namespace)
+    assert answers(core, app_namespace)
     # The new operator, with the new RBAC, reconciles it: a deleted Service comes back.
     # Not deserialized: the 1.20 apiserver answers a Service's deletion with a Status, not the Service.
     core.delete_namespaced_service(NAME, app_namespace, _preload_content=False)
     core.patch_namespaced_pod(f"{NAME}-0", app_namespace, {"metadata": {"annotations": {"test/poke": "1"}}})
     wait(lambda: core.read_namespaced_service(NAME, app_namespace), 120, "the operator to re-create the Service")
-    assert complete(core, app_namespace)
+    assert answers(core, app_namespace)
 
 
 def engine_on_the_new_template(api_client, namespace: str) -> bool:

@@ -1,7 +1,10 @@
 """Packs and the scale subresource on the real apiserver: `kubectl scale slmd/NAME --replicas=P` sets the packs,
-and the operator converges to one StatefulSet per pack."""
+and the operator converges to one StatefulSet per pack. The built-in autoscaler, on the emulated three-GPU node,
+fills a pack before it takes another GPU and scales in by draining, with traffic through the Service."""
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,12 +12,15 @@ import yaml
 from e2e.cluster.nvidia_device_plugin import GpuNode
 from kopf.testing import KopfRunner
 from kubernetes import client
+from prometheus_client import REGISTRY
 
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
     Cluster,
+    Traffic,
     cluster,
     deployment,
     operator,
+    ready_profile,
     wait,
 )
 
@@ -23,6 +29,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 CRD = "slmdeployments.slmpack.dev"
+ENGINE_CPU = "slmpack/engine-cpu:0.1.0"  # only its python3 runs: the stand-in below takes vLLM's place
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +106,106 @@ def test_kubectl_explain_names_packs_as_the_unit_of_scale(scalable, node_kubecon
 
     assert "The unit of the scale subresource" in wait(lambda: "unit of" in explained() and explained(), 60,
                                                        "kubectl explain to show spec.packs")
+
+
+# A stand-in for vLLM's OpenAI server, found first on PYTHONPATH: it answers /health and completions, and serves
+# vLLM's load gauges on /metrics, with the requests running read from a file the test writes.
+FAKE_SERVER = '''
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+LOAD = Path(__file__).resolve().parents[4] / "load"  # /models/load
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/metrics":
+            running = LOAD.read_text().strip()
+            self.reply(("# TYPE vllm:num_requests_running gauge\\n"
+                        f'vllm:num_requests_running{{model_name="m",engine="0"}} {running}\\n'
+                        "# TYPE vllm:num_requests_waiting gauge\\n"
+                        'vllm:num_requests_waiting{model_name="m",engine="0"} 0.0\\n').encode())
+        else:
+            self.reply(b"{}")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(0.05)  # a short generation, so requests are in flight while replicas leave
+        self.reply(b\'{"choices": [{"text": " Paris"}]}\')
+
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_engines():
+    """A host directory (the node is this machine) holding the stand-in server and the load file."""
+    root = Path(tempfile.mkdtemp(prefix="slmpack-fake-vllm-"))
+    server = root / "python" / "vllm" / "entrypoints" / "openai"
+    server.mkdir(parents=True)
+    for package in (root / "python" / "vllm", server.parent, server):
+        (package / "__init__.py").write_text("")
+    (server / "api_server.py").write_text(FAKE_SERVER)
+    (root / "load").write_text("0")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755)  # the engine runs as a non-root user
+    (root / "load").chmod(0o644)
+    yield root
+    shutil.rmtree(root)
+
+
+def decisions(direction: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("slmpack_operator_scaling_decisions_total",
+                                     {"direction": direction, "reason": reason}) or 0.0
+
+
+def test_the_autoscaler_fills_a_pack_then_takes_another_and_drains_on_scale_in(k, fake_engines):
+    ready_profile(k, "knee-8", knee=8)
+    body = deployment("auto", replicas="auto", engine={"device": "cpu", "image": ENGINE_CPU,
+                                                       "env": [{"name": "PYTHONPATH", "value": "/models/python"}]},
+                      model={"name": "/models/m", "volume": {"hostPath": str(fake_engines)}},
+                      profiling={"profileRef": "knee-8"},
+                      autoscaling={"maxPacks": 2, "periodSeconds": 5, "scaleInCooldownSeconds": 0})
+    below_target = decisions("down", "BelowTarget")
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(body)
+        status = wait(lambda: k.status("auto").get("autoscaling") and k.status("auto"), 60, "the autoscaler")
+        per_pack = status["plan"]["replicas"]
+        assert pack_sets(k) == ["auto"] and k.statefulset("auto").spec.replicas == 1
+        wait(lambda: k.status("auto").get("readyReplicas") == 1, 180, "the first replica ready")
+        (fake_engines / "load").write_text("30")  # far above 80 % of the knee batch of 8
+        if per_pack > 1:  # the profile's two-replica gain may not hold a second slot's worth
+            wait(lambda: k.statefulset("auto").spec.replicas == 2, 60, "a second replica in the first pack")
+            assert pack_sets(k) == ["auto"], "the first pack's free slot is used before another GPU"
+        wait(lambda: pack_sets(k) == ["auto", "auto-pack-1"], 180, "a second pack once the first is full")
+        wait(lambda: k.status("auto").get("readyReplicas") == per_pack + 1, 180, "the second pack's replica ready")
+
+        # Scale-in with requests flowing through the Service: leaving replicas drain, none fails.
+        traffic = Traffic(f"http://{k.core.read_namespaced_service('auto', k.ns).spec.cluster_ip}:8000/v1/completions")
+        traffic.start()
+        wait(lambda: traffic.ok >= 10, 60, "traffic through the Service")
+        (fake_engines / "load").write_text("0")
+        wait(lambda: pack_sets(k) == ["auto"], 180, "the second pack removed after the load falls")
+        wait(lambda: k.statefulset("auto").spec.replicas == 1, 60, "one replica left")
+        wait(lambda: len(k.core.list_namespaced_pod(k.ns).items) == 1, 120, "the leaving replicas gone")
+        traffic.stop.set()
+        traffic.join(70)
+        assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.ok + len(traffic.failures)}"
+
+        events = sorted(k.core.list_namespaced_event(k.ns).items, key=lambda e: e.metadata.creation_timestamp)
+        assert {"ScaledUp", "ScaledDown"} <= {e.reason for e in events}
+        first_up = next(e.message for e in events if e.reason == "ScaledUp")
+        assert "1 -> 2 replicas" in first_up
+        assert ("PackHasFreeSlots" if per_pack > 1 else "AllPacksAtKnee") in first_up, (per_pack, first_up)
+        assert "AllPacksAtKnee" in " ".join(e.message for e in events if e.reason == "ScaledUp")
+        assert decisions("down", "BelowTarget") > below_target, "the scale-in counted by reason"
+    assert runner.exception is None, runner.output

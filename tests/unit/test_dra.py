@@ -323,6 +323,9 @@ def test_profiling_on_dra_gets_a_gpu_through_its_own_claim_template():
     assert not any(k.startswith("nvidia.com/") for k in container["resources"]["limits"])
     assert gpu_config(template)["sharing"]["strategy"] == "MPS"
     assert template["metadata"]["ownerReferences"][0]["uid"] == "p-1"
+    # The claim's daemon sets no limits while profiling: the profiler gives each replica the plan's caps.
+    args = container["args"]
+    assert (args[args.index("--sharing") + 1], args[args.index("--placement") + 1]) == ("mps", "dra")
 
 
 def test_replicas_on_dra_come_from_the_measurement_and_the_memory_model():

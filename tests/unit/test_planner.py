@@ -265,8 +265,17 @@ def test_the_profilers_own_mps_daemon_gives_each_replica_the_caps_the_plan_deplo
     # Under the device plugin's MPS the pod is already a client with 1/R caps: no second daemon, no caps of ours.
     env, regime = sharing_env(engine, settings, replicas, None)
     assert env == {} and "device plugin's MPS daemon" in regime
+    # A DRA claim's daemon (its pipe directory set by the driver) applies no limits while profiling: each client
+    # carries the caps that a k-replica pack's claim sets as its daemon's defaults.
+    settings.placement = "dra"
+    env, regime = sharing_env(engine, settings, replicas, None)
+    assert env == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(deployed.mps_active_thread_percentage),
+                   "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={deployed.mps_pinned_memory_limit_mib}M"}
+    assert "DRA claim's MPS daemon" in regime
     settings.sharing = "time-slicing"
     assert sharing_env(engine, settings, replicas, None) == ({}, "time-slicing: co-located processes without MPS")
+    settings.sharing = "none"
+    assert sharing_env(engine, settings, replicas, None) == ({}, "none: one engine on a GPU of its own")
 
 
 def test_cpu_threads_leave_vllm_one_core_and_share_the_rest():

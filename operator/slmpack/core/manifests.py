@@ -355,6 +355,12 @@ def max_measured_replicas(spec: SLMDeploymentSpec, node: GPUNode | None) -> int:
     return spec.profiling.max_replicas
 
 
+def profiled_sharing(spec: SLMDeploymentSpec, conditions: ProfileConditions) -> str:
+    """The sharing the profiler reproduces: a device-plugin node with one slot per GPU shares nothing, so its
+    one replica runs without MPS (no daemon of the profiler's), as it will be deployed."""
+    return "none" if conditions.sharing_slots == 1 else spec.sharing.value
+
+
 def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, spec: SLMDeploymentSpec,
                   max_replicas: int | None = None) -> list[str]:
     policy = spec.profiling
@@ -367,7 +373,8 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
             "--latency-factor", str(policy.latency_factor),
             "--max-replicas", str(max_replicas or policy.max_replicas),
             "--requests-per-point", str(policy.requests_per_point),
-            "--sharing", spec.sharing.value, "--confidence-percent", str(policy.confidence_percent),
+            "--sharing", profiled_sharing(spec, conditions), "--placement", spec.placement.value,
+            "--confidence-percent", str(policy.confidence_percent),
             "--precision-percent", str(policy.precision_percent),
             "--min-repeats", str(policy.min_repeats), "--max-repeats", str(policy.max_repeats),
             "--write-profile", f"{namespace}/{profile}", "--out", "/tmp/profile"]

@@ -27,8 +27,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--port-base", type=int, default=18100)
     engine.add_argument("--restart-per-batch", action="store_true",
                         help="restart vLLM with --max-num-seqs B at every probe instead of varying concurrency")
-    engine.add_argument("--sharing", choices=["mps", "time-slicing"], default="time-slicing",
-                        help="how the deployment shares a GPU; mps runs co-located replicas as MPS clients")
+    engine.add_argument("--sharing", choices=["mps", "time-slicing", "none"], default="time-slicing",
+                        help="how the deployment shares a GPU; mps runs co-located replicas as MPS clients, "
+                             "none (a GPU per replica) measures one replica only")
+    engine.add_argument("--placement", choices=["device-plugin", "dra"], default="device-plugin",
+                        help="whose MPS daemon caps the replicas: the device plugin's caps every client at 1/R; "
+                             "a DRA claim's sets no limits, so each replica gets the plan's caps in its env")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--batch-sizes", help="comma-separated batch sizes: a full sweep of exactly these")
     sweep.add_argument("--min-batch", type=int, default=1)
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                         LatencySLO(p99_itl_ms=args.slo_p99_itl_ms, p99_ttft_ms=args.slo_p99_ttft_ms)),
         requests_per_point=args.requests_per_point, max_replicas=args.max_replicas, port_base=args.port_base,
         gpu_memory_mib=args.gpu_memory_mib, restart_per_batch=args.restart_per_batch, windows=windows,
-        repeats=repeats, sharing=args.sharing)
+        repeats=repeats, sharing=args.sharing, placement=args.placement)
 
     # SIGTERM (a Job's pod deleted, `timeout`) unwinds like Ctrl-C, so the engines started in
     # their own process groups are stopped by the run's cleanup instead of outliving it.

@@ -80,7 +80,8 @@ class ProfileSettings:
     restart_per_batch: bool = False
     windows: Precision = field(default_factory=lambda: Precision(95, 5, 3, 12))  # within one probe
     repeats: Precision = field(default_factory=lambda: Precision(95, 5, 3, 5))  # runs of one replica count
-    sharing: str = "time-slicing"  # how the deployment shares a GPU: mps or time-slicing
+    sharing: str = "time-slicing"  # how the deployment shares a GPU: mps, time-slicing or none
+    placement: str = "device-plugin"  # device-plugin or dra: who runs the MPS daemon, and with which caps
 
     def request_budget(self, concurrency: int) -> int:
         return self.requests_per_point or self.windows.max_samples * concurrency
@@ -258,19 +259,24 @@ def sharing_env(engine: VllmEngine, settings: ProfileSettings, replicas: int,
     if engine.device == "cpu":
         threads = cpu_threads_per_replica(replicas, len(os.sched_getaffinity(0)))
         return cpu_threads_env(threads), f"cpu: co-located processes, {threads} unbound thread(s) each, as deployed"
+    if settings.sharing == "none":
+        return {}, "none: one engine on a GPU of its own"
     if settings.sharing != "mps":
         return {}, "time-slicing: co-located processes without MPS"
-    if daemon is None:
+    if daemon is None and settings.placement == "device-plugin":
         return {}, "mps: clients of the device plugin's MPS daemon, with the plugin's 1/R caps"
+    # The profiler's own daemon, or a DRA claim's (its GpuConfig sets no limits for profiling): each client
+    # gets the caps the claim of a k-replica pack sets as its daemon's defaults.
     threads, memory = mps_caps(replicas, settings.gpu_memory_mib)
-    env = daemon.client_env() | {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(threads)}
+    env = (daemon.client_env() if daemon else {}) | {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(threads)}
     if memory:
         env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory}M"
-    return env, "mps: clients of the profiler's MPS daemon, with the plan's caps (threads 100/k %, memory 0.9/k)"
+    owner = "the profiler's MPS daemon" if daemon else "the DRA claim's MPS daemon"
+    return env, f"mps: clients of {owner}, with the plan's caps (threads 100/k %, memory 0.9/k)"
 
 
 def replica_counts(engine: VllmEngine, status: SLMProfileStatus, settings: ProfileSettings) -> int:
-    kmax = settings.max_replicas
+    kmax = 1 if settings.sharing == "none" else settings.max_replicas
     if engine.device == "gpu" and status.memory and settings.gpu_memory_mib:
         tokens = settings.workload.input_tokens + settings.workload.output_tokens
         kmax = min(kmax, max(1, feasible_replicas(status.memory, settings.gpu_memory_mib, status.knee.batch_size,
