@@ -93,6 +93,22 @@ def test_cpu_dev_mode_serves_a_fake_gpu_without_the_nvidia_runtime(helm):
     assert gpu["hostPID"] is True and gpu["runtimeClassName"] == "nvidia"
 
 
+@pytest.mark.parametrize("dev", [False, True], ids=["gpu", "cpu-dev"])
+def test_the_exporter_hands_the_node_engine_cache_to_the_engines_uid(helm, dev):
+    (exporter,) = [d for d in render(helm, f"devMode.cpu={str(dev).lower()}",
+                                     "exporter.engineCacheHostPath=/var/lib/slmpack/engine-cache")
+                   if d["kind"] == "DaemonSet"]
+    pod = exporter["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"][-1] == "chmod 0750 /cache && chown 10001:10001 /cache"
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert {"name": "engine-cache", "hostPath": {"path": "/var/lib/slmpack/engine-cache",
+                                                 "type": "DirectoryOrCreate"}} in pod["volumes"]
+    assert ("pod-resources" in {v["name"] for v in pod["volumes"]}) is not dev
+    plain = next(d for d in render(helm) if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in plain
+
+
 @pytest.mark.parametrize("value, message", [
     ("operator.logLevel=LOUD", "operator.logLevel must be one of"),
     ("operatr.logLevel=INFO", "Additional property operatr is not allowed"),

@@ -153,3 +153,26 @@ def test_a_known_kv_cache_size_is_passed_in_bytes():
     args = engine(build_statefulset(OWNER, spec(), sized, NODE))["args"]
     assert args[args.index("--kv-cache-memory-bytes") + 1] == "17179869184"
     assert "--kv-cache-memory-bytes" not in engine(build_statefulset(OWNER, spec(), PLAN, NODE))["args"]
+
+
+def test_the_engine_cache_is_one_volume_for_the_profiling_job_and_the_replicas():
+    cached = spec(engine={"cache": {"hostPath": "/var/lib/slmpack/engine-cache"}})
+    conditions = profile_conditions(cached, 81559, 4)
+    job_pod = build_profiling_job(OWNER, conditions, cached, NODE)["spec"]["template"]["spec"]
+    replica_pod = build_statefulset(OWNER, cached, PLAN, NODE)["spec"]["template"]["spec"]
+    for pod in (job_pod, replica_pod):
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "engine-cache"]
+        # Must exist: a directory the kubelet made would be root's, and the engine could not write it.
+        assert volume["hostPath"] == {"path": "/var/lib/slmpack/engine-cache", "type": "Directory"}
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "engine-cache"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["VLLM_CACHE_ROOT"].startswith(mount["mountPath"] + "/") and not mount.get("readOnly")
+        assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(mount["mountPath"] + "/")
+    # The cache changes no measurement: the profile is the same one with or without it.
+    assert profile_name(conditions) == profile_name(profile_conditions(spec(), 81559, 4))
+    claimed = spec(engine={"cache": {"persistentVolumeClaim": "vllm-cache"}})
+    replica_pod = build_statefulset(OWNER, claimed, PLAN, NODE)["spec"]["template"]["spec"]
+    assert {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "vllm-cache"}} in replica_pod["volumes"]
+    uncached = build_statefulset(OWNER, spec(), PLAN, NODE)["spec"]["template"]["spec"]
+    assert "VLLM_CACHE_ROOT" not in {e["name"] for e in uncached["containers"][0]["env"]}

@@ -107,6 +107,28 @@ class ModelVolume(Model):
                             description="Where the volume is mounted in the engine container (an absolute path).")
 
 
+class EngineCache(Model):
+    """A volume that keeps the engine's compilation and warm-up caches between starts, exactly one source.
+
+    vLLM writes its torch.compile artefacts under VLLM_CACHE_ROOT and inductor's kernels under
+    TORCHINDUCTOR_CACHE_DIR; a start whose settings were compiled before loads them instead. The
+    profiling Job and every replica on a node mount the same directory, so the profile pays the
+    compilation once and the replicas it plans start warm. The engine runs as UID 10001: a hostPath
+    directory must exist and be writable by it (`install -d -o 10001 -g 10001 DIR` on each node, or
+    the chart's `exporter.engineCacheHostPath`)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.hostPath) != has(self.persistentVolumeClaim)",
+         "spec.engine.cache needs exactly one of hostPath or persistentVolumeClaim")))
+
+    host_path: str | None = Field(None, pattern=ABSOLUTE_PATH,
+                                  description="A directory on the node, writable by UID 10001 (an absolute path).")
+    persistent_volume_claim: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="The name of a PersistentVolumeClaim in the same namespace (ReadWriteMany for several nodes)."
+    )
+
+
 class ModelSpec(Model):
     """The model to serve."""
 
@@ -154,6 +176,10 @@ class EngineSpec(Model):
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the engine.")
     cpu_kv_cache_space_gib: int = Field(
         1, ge=1, le=1024, description="With device cpu: the KV-cache space per replica in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    cache: EngineCache | None = Field(
+        None, description="A volume for the engine's compilation caches, shared by the profiling Job and the "
+        "replicas, so that only the first start with given settings compiles. Without it each pod compiles anew."
     )
 
     def resolved_image(self) -> str:

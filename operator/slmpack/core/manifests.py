@@ -34,6 +34,7 @@ PROFILE_KEY_LABEL = f"{API_GROUP}/profile-key"
 PACK_LABEL = f"{API_GROUP}/pack"
 PROFILER_SERVICE_ACCOUNT = "slmpack-profiler"
 ENGINE_UID = 10001
+ENGINE_CACHE = "/var/cache/slmpack"  # where spec.engine.cache is mounted
 # Long enough for a cold engine start on a CPU (about 90 s) or a large GPU model download.
 STARTUP_SECONDS = 900
 # How long a stopping replica keeps serving before the engine gets SIGTERM (within the 30 s grace period).
@@ -181,11 +182,20 @@ def scratch_volumes(spec: SLMDeploymentSpec, own_shm: bool = True) -> tuple[list
             volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.persistent_volume_claim,
                                                                        "readOnly": True}})
         mounts.append({"name": "model", "mountPath": source.mount_path, "readOnly": True})
+    cache = spec.engine.cache
+    if cache is not None:
+        volumes.append({"name": "engine-cache", **(
+            {"hostPath": {"path": cache.host_path, "type": "Directory"}} if cache.host_path
+            else {"persistentVolumeClaim": {"claimName": cache.persistent_volume_claim}})})
+        mounts.append({"name": "engine-cache", "mountPath": ENGINE_CACHE})
     return volumes, mounts
 
 
 def base_env(spec: SLMDeploymentSpec) -> list[dict]:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
+    if spec.engine.cache is not None:  # vLLM's and inductor's caches, where every pod of the node finds them
+        env += [{"name": "VLLM_CACHE_ROOT", "value": f"{ENGINE_CACHE}/vllm"},
+                {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{ENGINE_CACHE}/inductor"}]
     if spec.engine.device == Device.cpu:
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(spec.engine.cpu_kv_cache_space_gib)})
     return env + [e.to_wire() for e in spec.engine.env]
