@@ -21,7 +21,8 @@ from slmpack.cli import main as slmpack
 pytestmark = pytest.mark.node
 
 # (sharing, R, G) of the node; the SLMDeployment asks for `sharing` and, when fixed, `replicas`.
-CONFIGURATIONS = [("none", 1, 1), ("mps", 4, 1), ("time-slicing", 4, 1), ("mps", 2, 2), ("time-slicing", 2, 2)]
+CONFIGURATIONS = [("none", 1, 1), ("mps", 4, 1), ("time-slicing", 4, 1), ("mps", 2, 2), ("time-slicing", 2, 2),
+                  ("mps", 4, 2), ("time-slicing", 7, 8)]
 REPORT = 'echo "visible=$NVIDIA_VISIBLE_DEVICES shm=$(ls /dev/shm | tr "\\n" " ")"; sleep 3600'
 
 

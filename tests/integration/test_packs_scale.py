@@ -14,6 +14,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from prometheus_client import REGISTRY
 
+from tests.fixtures.cluster import local_image
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
     Cluster,
     Traffic,
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 CRD = "slmdeployments.slmpack.dev"
+CACHE = tempfile.mkdtemp(prefix="slmpack-kubectl-cache-")
 ENGINE_CPU = "slmpack/engine-cpu:0.1.0"  # only its python3 runs: the stand-in below takes vLLM's place
 
 
@@ -42,8 +44,8 @@ def scalable(cluster, emulated_plugin):  # noqa: F811
     ours = yaml.safe_load((ROOT / "crds" / f"{CRD}.yaml").read_text())
     ours["metadata"]["resourceVersion"] = before.metadata.resource_version
     extensions.replace_custom_resource_definition(CRD, ours)
-    wait(lambda: "scale" in (extensions.read_custom_resource_definition(CRD).spec.versions[0].subresources
-                             .to_dict() or {}), 30, "the scale subresource to be served")
+    # Served once discovery lists it: what kubectl scale looks the subresource up in.
+    wait(lambda: "slmdeployments/scale" in served_resources(cluster), 60, "the scale subresource to be served")
     yield cluster
     previous = cluster.sanitize_for_serialization(before)
     previous["metadata"] = {"name": CRD, "labels": previous["metadata"].get("labels"),
@@ -53,14 +55,21 @@ def scalable(cluster, emulated_plugin):  # noqa: F811
     extensions.replace_custom_resource_definition(CRD, previous)
 
 
+def served_resources(api: client.ApiClient) -> set[str]:
+    return {r.name for r in client.CustomObjectsApi(api).get_api_resources("slmpack.dev", "v1alpha1").resources}
+
+
 @pytest.fixture
 def k(scalable, namespace):
     return Cluster(scalable, namespace)
 
 
 def kubectl(kubeconfig, *args) -> str:
-    return subprocess.run([KUBECTL, "--kubeconfig", kubeconfig, *args], capture_output=True, text=True,
-                          check=True).stdout
+    # A discovery cache of its own: one from an earlier kubectl may predate the scale subresource.
+    done = subprocess.run([KUBECTL, "--kubeconfig", kubeconfig, "--cache-dir", CACHE, *args], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return done.stdout
 
 
 def pack_sets(k) -> list[str]:
@@ -169,6 +178,7 @@ def decisions(direction: str, reason: str) -> float:
 
 
 def test_the_autoscaler_fills_a_pack_then_takes_another_and_drains_on_scale_in(k, fake_engines):
+    local_image(ENGINE_CPU)
     ready_profile(k, "knee-8", knee=8)
     body = deployment("auto", replicas="auto", engine={"device": "cpu", "image": ENGINE_CPU,
                                                        "env": [{"name": "PYTHONPATH", "value": "/models/python"}]},
