@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.engine",
+    "tests.fixtures.fake_engine",
     "tests.fixtures.gpu_node",
 ]

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_CPU = "slmpack/engine-cpu:0.1.0"
-H100_MEMORY_MIB = 81559  # what tests.fixtures.fake_gpu advertises
+H100_MEMORY_MIB = 81559  # what the emulated device plugin's GFD labels give an H100
 
 
 class Operator:

@@ -2,7 +2,6 @@
 and the operator converges to one StatefulSet per pack. The built-in autoscaler, on the emulated three-GPU node,
 fills a pack before it takes another GPU and scales in by draining, with traffic through the Service."""
 
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from kubernetes import client
 from prometheus_client import REGISTRY
 
 from tests.fixtures.cluster import local_image
+from tests.fixtures.fake_engine import ENGINE_CPU, fake_engine_spec
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
     Cluster,
     Traffic,
@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 CRD = "slmdeployments.slmpack.dev"
 CACHE = tempfile.mkdtemp(prefix="slmpack-kubectl-cache-")
-ENGINE_CPU = "slmpack/engine-cpu:0.1.0"  # only its python3 runs: the stand-in below takes vLLM's place
 
 
 @pytest.fixture(scope="module")
@@ -117,61 +116,6 @@ def test_kubectl_explain_names_packs_as_the_unit_of_scale(scalable, node_kubecon
                                                        "kubectl explain to show spec.packs")
 
 
-# A stand-in for vLLM's OpenAI server, found first on PYTHONPATH: it answers /health and completions, and serves
-# vLLM's load gauges on /metrics, with the requests running read from a file the test writes.
-FAKE_SERVER = '''
-import sys
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
-LOAD = Path(__file__).resolve().parents[4] / "load"  # /models/load
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/metrics":
-            running = LOAD.read_text().strip()
-            self.reply(("# TYPE vllm:num_requests_running gauge\\n"
-                        f'vllm:num_requests_running{{model_name="m",engine="0"}} {running}\\n'
-                        "# TYPE vllm:num_requests_waiting gauge\\n"
-                        'vllm:num_requests_waiting{model_name="m",engine="0"} 0.0\\n').encode())
-        else:
-            self.reply(b"{}")
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        time.sleep(0.05)  # a short generation, so requests are in flight while replicas leave
-        self.reply(b\'{"choices": [{"text": " Paris"}]}\')
-
-    def reply(self, body):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-ThreadingHTTPServer(("0.0.0.0", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
-'''
-
-
-@pytest.fixture
-def fake_engines():
-    """A host directory (the node is this machine) holding the stand-in server and the load file."""
-    root = Path(tempfile.mkdtemp(prefix="slmpack-fake-vllm-"))
-    server = root / "python" / "vllm" / "entrypoints" / "openai"
-    server.mkdir(parents=True)
-    for package in (root / "python" / "vllm", server.parent, server):
-        (package / "__init__.py").write_text("")
-    (server / "api_server.py").write_text(FAKE_SERVER)
-    (root / "load").write_text("0")
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755)  # the engine runs as a non-root user
-    (root / "load").chmod(0o644)
-    yield root
-    shutil.rmtree(root)
-
-
 def decisions(direction: str, reason: str) -> float:
     return REGISTRY.get_sample_value("slmpack_operator_scaling_decisions_total",
                                      {"direction": direction, "reason": reason}) or 0.0
@@ -180,10 +124,7 @@ def decisions(direction: str, reason: str) -> float:
 def test_the_autoscaler_fills_a_pack_then_takes_another_and_drains_on_scale_in(k, fake_engines):
     local_image(ENGINE_CPU)
     ready_profile(k, "knee-8", knee=8)
-    body = deployment("auto", replicas="auto", engine={"device": "cpu", "image": ENGINE_CPU,
-                                                       "env": [{"name": "PYTHONPATH", "value": "/models/python"}]},
-                      model={"name": "/models/m", "volume": {"hostPath": str(fake_engines)}},
-                      profiling={"profileRef": "knee-8"},
+    body = deployment("auto", replicas="auto", **fake_engine_spec(fake_engines), profiling={"profileRef": "knee-8"},
                       autoscaling={"maxPacks": 2, "periodSeconds": 5, "scaleInCooldownSeconds": 0})
     below_target = decisions("down", "BelowTarget")
     with KopfRunner(operator(k.ns)) as runner:

@@ -247,7 +247,8 @@ class ProfilingSpec(Model):
     slo: LatencySLO = Field(default_factory=LatencySLO, description="A latency objective that caps the knee.")
     workload: Workload = Field(default_factory=Workload, description="The request shape to measure.")
     requests_per_point: int = Field(
-        0, ge=0, le=100_000, description="Requests measured per batch size; 0 means 4 × the batch size (at least 8)."
+        0, ge=0, le=100_000, description="A fixed request count per batch size. 0 (the default) stops each probe "
+        "as soon as its throughput is known to precisionPercent, after at least 3 and at most 12 windows of B requests."
     )
     max_replicas: int = Field(4, ge=1, le=48, description="The most co-located replicas to measure per GPU.")
     job_active_deadline_seconds: int = Field(
