@@ -62,7 +62,7 @@ def test_a_pack_the_plugin_spreads_over_two_gpus_is_reported_split_with_a_warnin
         split = wait(lambda: (c := one_gpu(k, "split")) and c["reason"] == "SplitAcrossGPUs" and c, 240,
                      f"the split to be reported (exporter log: {annotating_exporter})")
         status = k.status("split")
-        by_replica = {r["name"]: r["gpuUuids"] for r in status["replicaGPUs"]}
+        by_replica = {r["name"]: r["gpuUUIDs"] for r in status["replicaGPUs"]}
         assert sorted(by_replica) == ["split-0", "split-1"]
         gpus = {uuid for uuids in by_replica.values() for uuid in uuids}
         assert len(gpus) == 2 and gpus <= set(node.uuids)
