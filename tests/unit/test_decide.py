@@ -43,6 +43,15 @@ def test_a_refused_spec_creates_nothing_and_says_which_field_to_fix():
     assert decision.retry_after_seconds is None
 
 
+def test_a_valid_spec_is_no_news_until_it_follows_a_refused_one():
+    first = decide(deployment(), ClusterSnapshot((H100,)), NOW)
+    assert condition(first, "InvalidSpec").reason == "SpecValid"
+    assert "SpecValid" not in [e.reason for e in first.events]  # one request fewer per new deployment
+    refused = decide(deployment(profiling={"minBatchSize": 64, "maxBatchSize": 8}), ClusterSnapshot((H100,)), NOW)
+    fixed = decide(with_status(deployment(), refused.status), ClusterSnapshot((H100,)), NOW)
+    assert "SpecValid" in [e.reason for e in fixed.events]
+
+
 def test_no_matching_node_is_retried_later():
     decision = decide(deployment(gpu={"product": "NVIDIA-A100"}), ClusterSnapshot((H100,)), NOW)
     assert decision.create == [] and decision.retry_after_seconds == 30

@@ -170,6 +170,8 @@ class _Decider:
     def finish(self, outcome: str) -> Decision:
         for condition in self.status.conditions:
             previous = cond.get_condition(self.before.conditions, condition.type)
+            if previous is None and condition.type == cond.INVALID_SPEC and condition.status == "False":
+                continue  # a spec valid from the start is no news; one that becomes valid is
             if previous is None or (previous.reason, previous.message) != (condition.reason, condition.message):
                 self.decision.events.append(Event(condition.reason, condition.message,
                                                   self.warnings.get(condition.type, False)))
