@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from slmpack.core.manifests import engine_cache_env
 from slmpack.profiler.engines import VllmEngine, stop
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "profiling_speed" / "starts.json")
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="slmpack-engine-cache-"))
-    env = {"VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+    env = engine_cache_env("cpu", str(cache))  # what a CPU deployment with spec.engine.cache sets
     engine = VllmEngine(args.model, "cpu", 1024, args.dtype, log_dir=args.out.parent / "logs")
     engine.log_dir.mkdir(parents=True, exist_ok=True)
     starts = []
@@ -49,7 +50,7 @@ def main() -> int:
         starts.append({"start": label, "seconds": seconds, "load_average_before": load})
         print(f"{label}: {seconds} s (load average before: {load})", flush=True)
     result = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "model": args.model, "dtype": args.dtype,
-              "max_num_seqs": args.max_num_seqs, "cache_env": sorted(env), "starts": starts}
+              "max_num_seqs": args.max_num_seqs, "cache_env": env, "starts": starts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -191,11 +191,20 @@ def scratch_volumes(spec: SLMDeploymentSpec, own_shm: bool = True) -> tuple[list
     return volumes, mounts
 
 
+def engine_cache_env(device: Device, root: str = ENGINE_CACHE) -> dict[str, str]:
+    """Where vLLM and inductor keep what a start compiles, for the next start with the same settings. vLLM
+    CPU 0.32 cannot load its own AOT artefacts again ("'function' object has no attribute 'finalize_loading'",
+    so it compiles anew); its older cache path loads, so CPU engines take that one."""
+    env = {"VLLM_CACHE_ROOT": f"{root}/vllm", "TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor"}
+    if device == Device.cpu:
+        env["VLLM_USE_AOT_COMPILE"] = "0"
+    return env
+
+
 def base_env(spec: SLMDeploymentSpec) -> list[dict]:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
-    if spec.engine.cache is not None:  # vLLM's and inductor's caches, where every pod of the node finds them
-        env += [{"name": "VLLM_CACHE_ROOT", "value": f"{ENGINE_CACHE}/vllm"},
-                {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{ENGINE_CACHE}/inductor"}]
+    if spec.engine.cache is not None:  # where every pod of the node finds what an earlier start compiled
+        env += [{"name": k, "value": v} for k, v in engine_cache_env(spec.engine.device).items()]
     if spec.engine.device == Device.cpu:
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(spec.engine.cpu_kv_cache_space_gib)})
     return env + [e.to_wire() for e in spec.engine.env]
