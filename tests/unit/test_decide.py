@@ -166,3 +166,17 @@ def test_on_a_node_that_does_not_share_its_gpus_the_pack_is_one_replica_and_says
     assert "1 replica(s) on node gpu-n on a whole GPU (the node does not share its GPUs)" in \
         condition(decision, "Placed").message
     assert condition(decision, "OneGPU").reason == "SingleReplica"
+
+
+def test_cpu_auto_dtype_follows_the_nodes_cpu_as_node_feature_discovery_labels_it():
+    def profiled_dtype(labels):
+        node = GPUNode("cpu-a", {**H100.labels, **labels}, {"nvidia.com/gpu": 1})
+        cpu = deployment(model={"name": "/models/SmolLM2-135M-Instruct"}, engine={"device": "cpu"})
+        (profile,) = decide(cpu, ClusterSnapshot((node,)), NOW).create
+        return profile["spec"]["conditions"]["dtype"]
+
+    nfd = "feature.node.kubernetes.io/cpu-cpuid."
+    assert profiled_dtype({f"{nfd}AVX512F": "true", f"{nfd}AVX512BF16": "true"}) == "bfloat16"
+    assert profiled_dtype({f"{nfd}AMXBF16": "true"}) == "bfloat16"
+    assert profiled_dtype({f"{nfd}AVX2": "true"}) == "float32"  # no native bfloat16: it hardly batches
+    assert profiled_dtype({}) == "float32"  # without NFD, the safe choice

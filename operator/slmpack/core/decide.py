@@ -67,9 +67,10 @@ DEFAULT_PROFILER_CLUSTER_ROLE = "slmpack-profiler"
 
 def measured_under(spec: SLMDeploymentSpec, node: GPUNode):
     """The conditions a profile for this spec on this node is measured under, and keyed by: the
-    device plugin's R slots too, since its MPS daemon caps each engine at 1/R."""
+    device plugin's R slots too, since its MPS daemon caps each engine at 1/R; on CPU the dtype
+    that `auto` means for the node's CPU, where NFD labels its features."""
     plugin = spec.placement == Placement.device_plugin and spec.engine.device == Device.gpu
-    return profile_conditions(spec, node.gpu_memory_mib, node.sharing_slots if plugin else None)
+    return profile_conditions(spec, node.gpu_memory_mib, node.sharing_slots if plugin else None, node.cpu_flags)
 
 
 @dataclass(frozen=True)

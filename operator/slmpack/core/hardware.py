@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from slmpack.api.models import Device, Dtype
 
 # CPU flags (as /proc/cpuinfo and NFD's cpu-cpuid labels name them) with native bfloat16 arithmetic.
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# As /proc/cpuinfo spells them without the underscore (avx512_bf16), and as NFD's CPUID labels do (AVX512BF16).
+BF16_CPU_FLAGS = frozenset({"avx512bf16", "amxbf16"})
 
 
 def resolve_dtype(requested: Dtype | str, device: Device | str, cpu_flags: Iterable[str] = ()) -> str:
@@ -19,7 +20,7 @@ def resolve_dtype(requested: Dtype | str, device: Device | str, cpu_flags: Itera
     requested = Dtype(requested)
     if requested != Dtype.auto or Device(device) != Device.cpu:
         return requested.value
-    flags = {f.lower() for f in cpu_flags}
+    flags = {f.lower().replace("_", "") for f in cpu_flags}
     return Dtype.bfloat16.value if flags & BF16_CPU_FLAGS else Dtype.float32.value
 
 

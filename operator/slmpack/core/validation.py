@@ -17,6 +17,8 @@ MEMORY = "nvidia.com/gpu.memory"
 REPLICAS = "nvidia.com/gpu.replicas"
 SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
 COUNT = "nvidia.com/gpu.count"
+# Node Feature Discovery labels each CPUID feature of the node's CPU, e.g. ...cpu-cpuid.AVX512BF16=true.
+CPUID_LABEL_PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
 SHARED_SUFFIX = "-SHARED"
 
 
@@ -39,6 +41,12 @@ class GPUNode:
     def label_int(self, key: str) -> int | None:
         value = self.labels.get(key, "")
         return int(value) if value.isdigit() else None
+
+    @property
+    def cpu_flags(self) -> set[str]:
+        """The CPU's features as Node Feature Discovery labels them; empty without NFD."""
+        return {key.removeprefix(CPUID_LABEL_PREFIX) for key, value in self.labels.items()
+                if key.startswith(CPUID_LABEL_PREFIX) and value == "true"}
 
     @property
     def gpu_memory_mib(self) -> int | None:
