@@ -5,10 +5,6 @@ plugin's real Allocate, so each test shows a user-visible outcome: Running with 
 these mounts, or Failed with UnexpectedAdmissionError.
 """
 
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 from kubernetes import client
@@ -17,6 +13,7 @@ from slmpack import GPU_UUIDS_ANNOTATION
 from slmpack.exporter.gpu_annotations import GpuAnnotator, annotation_patches, gpu_uuids, pod_resources_lister
 from slmpack.exporter.pods import DEPLOYMENT_LABEL
 from tests.fixtures.cluster import wait
+from tests.fixtures.gpu_node import annotating_exporter
 
 pytestmark = pytest.mark.node
 
@@ -130,20 +127,8 @@ def test_the_exporter_process_annotates_engine_pods(gpu_node, busybox_image, cor
                                                     node_kubeconfig, tmp_path):
     gpu_node(gpus=2, sharing="time-slicing", replicas=2)
     visible = run(core, namespace, gpu_pod("chat-0", busybox_image, labels={DEPLOYMENT_LABEL: "chat"}))["visible"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "exporter.log"
-    with open(log, "wb") as out:
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "slmpack.cli", "exporter", "--address", "127.0.0.1", "--port", str(port),
-             "--fake-devices", "1:1", "--node-name", "localhost", "--annotate-interval-seconds", "1",
-             "--pod-resources-socket", str(emulated_plugin.kubelet_root / "pod-resources" / "kubelet.sock")],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
-    try:
+    with annotating_exporter(emulated_plugin, node_kubeconfig, log):
         annotated = wait(lambda: (core.read_namespaced_pod("chat-0", namespace).metadata.annotations or {}).get(
             GPU_UUIDS_ANNOTATION), 60, "the exporter to annotate the engine pod")
-    finally:
-        exporter.terminate()
-        exporter.wait(10)
     assert annotated == visible, log.read_text()[-2000:]

@@ -2,16 +2,12 @@
 replicas their slots, the exporter reads from the kubelet's PodResources API which GPU each replica got and
 annotates it, and the operator reports the pack split when the plugin spread it over two GPUs."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 from kopf.testing import KopfRunner
 
 from tests.fixtures.cluster import local_image
 from tests.fixtures.fake_engine import ENGINE_CPU, fake_engine_spec
+from tests.fixtures.gpu_node import annotating_exporter
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
     Cluster,
     cluster,
@@ -29,21 +25,11 @@ def k(cluster, namespace):  # noqa: F811
 
 
 @pytest.fixture
-def annotating_exporter(emulated_plugin, node_kubeconfig, tmp_path):
-    """The exporter process, writing each engine pod's GPU UUIDs as the kubelet gave them."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def exporter_log(emulated_plugin, node_kubeconfig, tmp_path):
+    """The exporter process annotating engine pods while the test runs; its log."""
     log = tmp_path / "exporter.log"
-    with open(log, "wb") as out:
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "slmpack.cli", "exporter", "--address", "127.0.0.1", "--port", str(port),
-             "--fake-devices", "1:1", "--node-name", "localhost", "--annotate-interval-seconds", "1",
-             "--pod-resources-socket", str(emulated_plugin.kubelet_root / "pod-resources" / "kubelet.sock")],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(node_kubeconfig)})
-    yield log
-    exporter.terminate()
-    exporter.wait(10)
+    with annotating_exporter(emulated_plugin, node_kubeconfig, log):
+        yield log
 
 
 def one_gpu(k, name):
@@ -51,7 +37,7 @@ def one_gpu(k, name):
 
 
 def test_a_pack_the_plugin_spreads_over_two_gpus_is_reported_split_with_a_warning(k, gpu_node, fake_engines,
-                                                                                   annotating_exporter):
+                                                                                   exporter_log):
     # Two GPUs shared two ways, slots handed out as NVIDIA's plugin does by default (distributed).
     node = gpu_node(gpus=2, sharing="time-slicing", replicas=2)
     local_image(ENGINE_CPU)
@@ -60,7 +46,7 @@ def test_a_pack_the_plugin_spreads_over_two_gpus_is_reported_split_with_a_warnin
     with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("split", replicas=2, sharing="time-slicing", **spec))
         split = wait(lambda: (c := one_gpu(k, "split")) and c["reason"] == "SplitAcrossGPUs" and c, 240,
-                     f"the split to be reported (exporter log: {annotating_exporter})")
+                     f"the split to be reported (exporter log: {exporter_log})")
         status = k.status("split")
         by_replica = {r["name"]: r["gpuUUIDs"] for r in status["replicaGPUs"]}
         assert sorted(by_replica) == ["split-0", "split-1"]
