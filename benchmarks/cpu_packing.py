@@ -31,6 +31,7 @@ from slmpack.api.models import SLMDeploymentSpec, SLMProfileStatus
 from slmpack.core.hardware import cpu_threads_env, cpu_threads_per_replica
 from slmpack.core.knee import find_knee
 from slmpack.core.planner import plan
+from slmpack.core.stats import estimate, gain_test
 from slmpack.core.sweep import batch_grid
 from slmpack.profiler.bench_results import load_points
 from slmpack.profiler.engines import RunningEngine, VllmEngine, stop, wait_healthy
@@ -93,6 +94,26 @@ def plain_vllm_serve(model_dir: str, port: int, log: Path) -> RunningEngine:
     return engine
 
 
+def table(summary: dict) -> str:
+    """The README's table: each set-up's repeats, and slmpack's plan as a ratio to the others with the
+    95 % interval and Welch's p (the test the planner itself decides by, core/stats.py)."""
+    setups = summary["setups"]
+    rows = ["| set-up | replicas × --max-num-seqs | output tok/s per run | mean [95 % CI] | p99 ITL ms per run |",
+            "|---|---|---|---|---|"]
+    for name, measured in setups.items():
+        found = estimate(measured["output_tok_s"])
+        interval = f" [{found.ci_low:.0f}, {found.ci_high:.0f}]" if found.ci_low is not None else ""
+        rows.append(f"| `{name}` | {measured['replicas']} × {measured['max_num_seqs']} | "
+                    f"{', '.join(f'{v:.0f}' for v in measured['output_tok_s'])} | {found.mean:.0f}{interval} | "
+                    f"{', '.join(f'{v:.0f}' for v in measured['p99_itl_ms'])} |")
+    plan_runs = setups.get("slmpack_plan", {}).get("output_tok_s")
+    for baseline in ("plain_vllm", "best_single"):
+        if plan_runs and baseline in setups:
+            gain = gain_test(plan_runs, setups[baseline]["output_tok_s"])
+            rows.append(f"\nslmpack's plan / `{baseline}`: **{gain.describe()}**")
+    return "\n".join(rows)
+
+
 def timed(start):
     began = time.monotonic()
     servers = start()
@@ -108,7 +129,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per set-up, and per replica count in the profile")
     parser.add_argument("--precision-percent", type=int, default=10, help="the profile's stopping precision")
     parser.add_argument("--prompts-per-client", type=int, default=2, help="requests per concurrent client per run")
-    parser.add_argument("--steps", default="profile,setups,curve")
+    parser.add_argument("--steps", default="profile,setups,curve",
+                        help="what to measure; none of them (--steps table) prints the table of what was measured")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     steps = set(args.steps.split(","))
@@ -192,7 +214,9 @@ def main() -> int:
                                       "p99_itl_ms": [r["p99_itl_ms"] for r in runs], "replicas": replicas,
                                       "max_num_seqs": batch or 128, "start_s": start_s}
             save()
-    print(json.dumps(save(), indent=1))
+    summary = save()
+    print(json.dumps(summary, indent=1))
+    print(table(summary))
     return 0
 
 
