@@ -84,10 +84,13 @@ def bench_all(endpoints: list[Endpoint], model_dir: str, offered: int, prompts: 
             "p99_itl_ms": round(max(p["p99_itl_ms"] for p in parts), 2)}
 
 
-def plain_vllm_serve(model_dir: str, port: int, log: Path) -> RunningEngine:
-    """`vllm serve MODEL` with its defaults: no dtype, batch or cache settings of ours."""
+def plain_vllm_serve(model_dir: str, port: int, log: Path, kv_cache_space_gib: int) -> RunningEngine:
+    """`vllm serve MODEL` with its defaults: no dtype, batch or thread settings of ours. Only its KV cache space
+    is the other set-ups' own: with vLLM CPU's default the worker took 22 GB of this 24 GB machine and was
+    OOM-killed while starting."""
     process = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                                 "--host", "127.0.0.1", "--port", str(port)],
+                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_space_gib)},
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     engine = RunningEngine(Endpoint(f"http://127.0.0.1:{port}", model_dir), process, log)
     wait_healthy(engine)
@@ -187,7 +190,8 @@ def main() -> int:
                                                            cpu_threads_env(decided.cpu_threads_per_replica)),
                              decided.replicas, decided.max_num_seqs),
             # vLLM CPU's default --max-num-seqs for its API server is 128 (vllm/engine/arg_utils.py).
-            "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log")], 1, None),
+            "plain_vllm": (lambda: [plain_vllm_serve(args.model, 18410, engine.log_dir / "plain.log",
+                                                      engine.cpu_kv_cache_space_gib)], 1, None),
             "best_single": (lambda: [engine.start(18420, best_batch, extra_env=one_replica, name="best")], 1,
                             best_batch),
         }
