@@ -8,8 +8,8 @@ from collections.abc import Iterable
 
 from slmpack.api.models import Device, Dtype
 
-# CPU flags (as /proc/cpuinfo and NFD's cpu-cpuid labels name them) with native bfloat16 arithmetic.
-# As /proc/cpuinfo spells them without the underscore (avx512_bf16), and as NFD's CPUID labels do (AVX512BF16).
+# CPU flags with native bfloat16 arithmetic, compared without case or underscores: /proc/cpuinfo says
+# avx512_bf16, NFD's cpu-cpuid labels AVX512BF16.
 BF16_CPU_FLAGS = frozenset({"avx512bf16", "amxbf16"})
 
 
