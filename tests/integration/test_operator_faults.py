@@ -19,6 +19,7 @@ from kubernetes import client
 from slmpack.api.models import SLMDeploymentSpec
 from slmpack.core.manifests import MANAGED_BY, PROFILE_KEY_LABEL, PROFILE_LABEL, profile_conditions, profile_name
 from slmpack.core.manifests import profiling_job_name as job_name_of
+from tests.fixtures.cluster import local_image
 from tests.integration.test_operator import GROUP, MISSING_IMAGE, VERSION, Cluster, cluster, deployment, wait  # noqa: F401
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
@@ -202,6 +203,21 @@ def test_an_oom_killed_profiler_is_retried_a_bounded_number_of_times_then_fails_
     assert "OOMKilled" in ready["message"], ready
     job = k.jobs()[0]
     assert job.spec.backoff_limit == 1 and (job.status.failed or 0) == 2, "one try and one retry"
+
+
+def test_a_crashing_engine_fails_the_profile_with_its_error_after_bounded_retries(k, operators):
+    # vLLM refuses an unknown argument and exits at once, each time the profiler starts it.
+    local_image(ENGINE_CPU)
+    operators().start()
+    k.create(deployment("crash", engine={"device": "cpu", "image": ENGINE_CPU, "extraArgs": ["--no-such-flag"]},
+                        profiling={"maxBatchSize": 16, "maxReplicas": 2, "jobBackoffLimit": 1}))
+    ready = profiling_failed(k, "crash", 300)
+    assert "--no-such-flag" in ready["message"] and "exited with code" in ready["message"], ready
+    assert k.status("crash")["phase"] == "Failed"
+    (job,) = k.jobs()
+    assert job.spec.backoff_limit == 1
+    pods = k.core.list_namespaced_pod(k.ns, label_selector=f"job-name={job.metadata.name}").items
+    assert 1 <= len(pods) <= 2, "one try and at most one retry"
 
 
 def test_a_job_complete_without_a_ready_profile_fails_clearly(k, operators):
