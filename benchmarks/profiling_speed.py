@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from slmpack.api.models import Device
 from slmpack.core.manifests import engine_cache_env
 from slmpack.profiler.engines import VllmEngine, stop
 
@@ -37,7 +38,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "profiling_speed" / "starts.json")
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="slmpack-engine-cache-"))
-    env = engine_cache_env("cpu", str(cache))  # what a CPU deployment with spec.engine.cache sets
+    env = engine_cache_env(Device.cpu, str(cache))  # what a CPU deployment with spec.engine.cache sets
     engine = VllmEngine(args.model, "cpu", 1024, args.dtype, log_dir=args.out.parent / "logs")
     engine.log_dir.mkdir(parents=True, exist_ok=True)
     starts = []

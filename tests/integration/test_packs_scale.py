@@ -30,7 +30,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.node]
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = Path.home() / ".cache/slmpack/k8s-1.20.2/bin/kubectl"
 CRD = "slmdeployments.slmpack.dev"
-CACHE = tempfile.mkdtemp(prefix="slmpack-kubectl-cache-")
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +63,10 @@ def k(scalable, namespace):
 
 
 def kubectl(kubeconfig, *args) -> str:
-    # A discovery cache of its own: one from an earlier kubectl may predate the scale subresource.
-    done = subprocess.run([KUBECTL, "--kubeconfig", kubeconfig, "--cache-dir", CACHE, *args], capture_output=True,
-                          text=True)
+    # A fresh discovery cache: one from an earlier kubectl may predate the scale subresource.
+    with tempfile.TemporaryDirectory(prefix="slmpack-kubectl-cache-") as cache:
+        done = subprocess.run([KUBECTL, "--kubeconfig", kubeconfig, "--cache-dir", cache, *args],
+                              capture_output=True, text=True)
     assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
     return done.stdout
 

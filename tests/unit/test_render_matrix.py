@@ -80,8 +80,8 @@ def test_every_pod_is_admissible_or_the_spec_is_refused_first(path, spec, measur
         if obj["kind"] == "Job":  # k co-located replicas are measured only up to what a pack may hold
             args = obj["spec"]["template"]["spec"]["containers"][0]["args"]
             assert int(args[args.index("--max-replicas") + 1]) == min(4, slots)
-            # One slot per GPU shares nothing: the profiler starts no MPS daemon of its own for it.
-            assert args[args.index("--sharing") + 1] == ("none" if slots == 1 else wanted)
+            # A node that shares nothing: the profiler starts no MPS daemon of its own for it.
+            assert args[args.index("--sharing") + 1] == ("none" if strategy == "none" else wanted)
             assert args[args.index("--placement") + 1] == "device-plugin"
     plan = decision.status.plan
     if plan is not None:

@@ -152,6 +152,7 @@ class _Decider:
         status.observed_generation = self.generation
         self.decision = Decision(status=status)
         self.warnings: dict[str, bool] = {}
+        self.news_when_new: dict[str, bool] = {}
         self.raw_spec = deployment.get("spec") or {}
         self.dra: DraTarget | None = None
 
@@ -162,17 +163,20 @@ class _Decider:
     def owner(self) -> Owner:
         return Owner(kind="SLMDeployment", name=self.name, uid=self.meta.get("uid", ""), namespace=self.namespace)
 
-    def condition(self, type_: str, ok: bool | str, reason: str, message: str, warn: bool = False) -> None:
-        """Set a condition; an Event follows when its reason or message ends up changed."""
+    def condition(self, type_: str, ok: bool | str, reason: str, message: str, warn: bool = False,
+                  news_when_new: bool = True) -> None:
+        """Set a condition; an Event follows when its reason or message ends up changed, and when it is first
+        set unless `news_when_new` is False."""
         self.status.conditions = cond.set_condition(self.status.conditions, type_, ok, reason, message, self.now,
                                                     self.generation)
         self.warnings[type_] = warn
+        self.news_when_new[type_] = news_when_new
 
     def finish(self, outcome: str) -> Decision:
         for condition in self.status.conditions:
             previous = cond.get_condition(self.before.conditions, condition.type)
-            if previous is None and condition.type == cond.INVALID_SPEC and condition.status == "False":
-                continue  # a spec valid from the start is no news; one that becomes valid is
+            if previous is None and not self.news_when_new.get(condition.type, True):
+                continue
             if previous is None or (previous.reason, previous.message) != (condition.reason, condition.message):
                 self.decision.events.append(Event(condition.reason, condition.message,
                                                   self.warnings.get(condition.type, False)))
@@ -195,7 +199,7 @@ class _Decider:
                 node = choose_node(spec, list(self.cluster.nodes))
         except DraUnavailable as error:
             # Not the spec's fault: the cluster may turn DRA on or get the driver later.
-            self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid")
+            self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid", news_when_new=False)
             self.condition(cond.PLACED, False, error.reason, str(error), warn=True)
             self.decision.retry_after_seconds = NODE_RETRY_SECONDS
             return self.finish("waiting")
@@ -205,7 +209,9 @@ class _Decider:
                 # The status says why; a matching node may join or be labelled later.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
             return self.finish("invalid")
-        self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid and a GPU node matches")
+        # A spec valid from the start is no news; one that becomes valid after a refusal is.
+        self.condition(cond.INVALID_SPEC, False, "SpecValid", "the spec is valid and a GPU node matches",
+                       news_when_new=False)
 
         profile = None
         if spec.replicas == "auto":

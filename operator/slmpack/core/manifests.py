@@ -176,19 +176,20 @@ def scratch_volumes(spec: SLMDeploymentSpec, own_shm: bool = True) -> tuple[list
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     source = spec.model.volume
     if source is not None:
-        if source.host_path:
-            volumes.append({"name": "model", "hostPath": {"path": source.host_path, "type": "Directory"}})
-        else:
-            volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.persistent_volume_claim,
-                                                                       "readOnly": True}})
+        volumes.append(node_or_claim_volume("model", source.host_path, source.persistent_volume_claim, True))
         mounts.append({"name": "model", "mountPath": source.mount_path, "readOnly": True})
     cache = spec.engine.cache
     if cache is not None:
-        volumes.append({"name": "engine-cache", **(
-            {"hostPath": {"path": cache.host_path, "type": "Directory"}} if cache.host_path
-            else {"persistentVolumeClaim": {"claimName": cache.persistent_volume_claim}})})
+        volumes.append(node_or_claim_volume("engine-cache", cache.host_path, cache.persistent_volume_claim, False))
         mounts.append({"name": "engine-cache", "mountPath": ENGINE_CACHE})
     return volumes, mounts
+
+
+def node_or_claim_volume(name: str, host_path: str | None, claim: str | None, read_only: bool) -> dict:
+    """A pod volume from a node directory that must exist, or from a PersistentVolumeClaim."""
+    if host_path:
+        return {"name": name, "hostPath": {"path": host_path, "type": "Directory"}}
+    return {"name": name, "persistentVolumeClaim": {"claimName": claim, **({"readOnly": True} if read_only else {})}}
 
 
 def engine_cache_env(device: Device, root: str = ENGINE_CACHE) -> dict[str, str]:
@@ -374,14 +375,15 @@ def max_measured_replicas(spec: SLMDeploymentSpec, node: GPUNode | None) -> int:
     return spec.profiling.max_replicas
 
 
-def profiled_sharing(spec: SLMDeploymentSpec, conditions: ProfileConditions) -> str:
-    """The sharing the profiler reproduces: a device-plugin node with one slot per GPU shares nothing, so its
-    one replica runs without MPS (no daemon of the profiler's), as it will be deployed."""
-    return "none" if conditions.sharing_slots == 1 else spec.sharing.value
+def profiled_sharing(spec: SLMDeploymentSpec, node: GPUNode | None) -> str:
+    """The sharing the profiler reproduces: on a device-plugin node that shares nothing, its one replica runs
+    without MPS (no daemon of the profiler's), as it will be deployed."""
+    unshared = spec.placement == Placement.device_plugin and node is not None and node.sharing_strategy == "none"
+    return "none" if unshared else spec.sharing.value
 
 
 def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, spec: SLMDeploymentSpec,
-                  max_replicas: int | None = None) -> list[str]:
+                  max_replicas: int | None = None, sharing: str | None = None) -> list[str]:
     policy = spec.profiling
     args = ["profile", "--engine", "vllm", "--device", conditions.device.value,
             "--model", conditions.model, "--dtype", conditions.dtype.value,
@@ -392,7 +394,7 @@ def profiler_args(profile: str, namespace: str, conditions: ProfileConditions, s
             "--latency-factor", str(policy.latency_factor),
             "--max-replicas", str(max_replicas or policy.max_replicas),
             "--requests-per-point", str(policy.requests_per_point),
-            "--sharing", profiled_sharing(spec, conditions), "--placement", spec.placement.value,
+            "--sharing", sharing or spec.sharing.value, "--placement", spec.placement.value,
             "--confidence-percent", str(policy.confidence_percent),
             "--precision-percent", str(policy.precision_percent),
             "--min-repeats", str(policy.min_repeats), "--max-repeats", str(policy.max_repeats),
@@ -458,7 +460,7 @@ def build_profiling_job(profile_owner: Owner, conditions: ProfileConditions, spe
                         "imagePullPolicy": "IfNotPresent",
                         "command": ["slmpack"],
                         "args": profiler_args(profile_owner.name, profile_owner.namespace, conditions, spec,
-                                              max_measured_replicas(spec, node)),
+                                              max_measured_replicas(spec, node), profiled_sharing(spec, node)),
                         "env": base_env(spec),
                         "resources": resources,
                         "volumeMounts": mounts,
