@@ -19,6 +19,10 @@ from slmpack.profiler.loadgen import Workload, closed_loop
 
 pytestmark = pytest.mark.engine
 
+# Read here, not through slmpack, so that the test checks the profiler's choice against the CPU itself.
+CPU_FLAGS = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), set())
+
 
 def test_closed_loop_streams_exactly_the_requested_tokens(vllm_cpu_server):
     results, duration = asyncio.run(closed_loop([vllm_cpu_server], concurrency=4, requests=8,
@@ -59,7 +63,9 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     assert batches[0] == 1, batches
     assert report["knee"]["batchSize"] in batches
     assert report["sweep"]["mode"] == "adaptive" and report["sweep"]["probes"] == len(batches)
-    assert report["dtype"] == "float32"  # dtype auto on a CPU without AVX512-BF16
+    # dtype auto: bfloat16 only where this CPU computes it natively, float32 otherwise.
+    native_bf16 = any(f in CPU_FLAGS for f in ("avx512_bf16", "amx_bf16"))
+    assert report["dtype"] == ("bfloat16" if native_bf16 else "float32"), sorted(CPU_FLAGS)
     # Probes stopped on their own interval: at least three windows each, with a spread.
     assert all(p["throughputSpread"]["samples"] >= 3 for p in report["points"])
     # Both replica counts faced the same load, each run at least three times.
@@ -74,7 +80,7 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     assert report["recommendedReplicas"] == decision["replicas"]
     assert (decision["replicas"] == 2) == decision["significant"]
     assert "same load" in decision["explanation"]
-    assert report["memory"]["weightsMib"] > 100  # 135M parameters in float32
+    assert report["memory"]["weightsMib"] > 100  # 135M parameters, two or four bytes each
     for point in report["points"]:
         assert "energyJoules" not in point  # no GPU: null, never zero
         assert point["energyNote"].startswith("not measured")
