@@ -25,7 +25,6 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -44,11 +43,14 @@ from benchmarks.hpa import Hpa, PodSample  # noqa: E402
 from e2e.scenario import get, items, kubectl, sh, wait  # noqa: E402
 
 from e2e import scenario  # noqa: E402
+from slmpack.adapters.engine_metrics import EngineMetrics  # noqa: E402
 from slmpack.profiler.loadgen import Endpoint, stream_completion, synthetic_prompt  # noqa: E402
+from slmpack.profiler.run import environment  # noqa: E402
 
 NS = scenario.APP_NS
 SELECTOR = "app.kubernetes.io/name=slmpack-engine,slmpack.dev/deployment={}"  # engine pods, not the profiler
 GPU_ANNOTATION = "slmpack.dev/gpu-uuids"
+ENGINE_METRICS = EngineMetrics()
 
 
 @dataclass(frozen=True)
@@ -134,17 +136,10 @@ def ready(pod: dict) -> bool:
 
 
 def engine_load(pod: dict, port: int) -> float | None:
-    """requests running + waiting from the engine's /metrics, None when it does not answer."""
+    """Requests running + waiting, read as slmpack's autoscaler reads them; None when the engine does not answer."""
     ip = pod["status"].get("podIP")
-    if not ip:
-        return None
-    try:
-        text = httpx.get(f"http://{ip}:{port}/metrics", timeout=3).text
-    except httpx.HTTPError:
-        return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.split("{", 1)[0] in ("vllm:num_requests_running", "vllm:num_requests_waiting")]
-    return sum(values) if values else None
+    load = ENGINE_METRICS.read(pod["metadata"]["name"], f"http://{ip}:{port}/metrics") if ip else None
+    return load.load if load else None
 
 
 class Sampler(threading.Thread):
@@ -152,7 +147,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, setup: str, name: str, started: float, offered, hpa: Hpa | None = None):
         super().__init__(daemon=True)
-        self.setup, self.name_, self.started, self.offered, self.hpa = setup, name, started, offered, hpa
+        self.setup, self.deployment, self.started, self.offered, self.hpa = setup, name, started, offered, hpa
         self.samples: list[Sample] = []
         self.decisions: list[dict] = []
         self.stop = threading.Event()
@@ -161,7 +156,7 @@ class Sampler(threading.Thread):
         last_sync = 0.0
         while not self.stop.is_set():
             now = time.monotonic()
-            pods = [p for p in pods_of(self.name_) if not p["metadata"].get("deletionTimestamp")]
+            pods = [p for p in pods_of(self.deployment) if not p["metadata"].get("deletionTimestamp")]
             self.samples.append(Sample(self.setup, round(now - self.started, 1), self.offered(), len(pods),
                                        sum(ready(p) for p in pods), gpus_held(pods)))
             if self.hpa and now - last_sync >= 15:
@@ -170,12 +165,12 @@ class Sampler(threading.Thread):
             self.stop.wait(5)
 
     def hpa_sync(self, now: float, pods: list[dict]) -> None:
-        current = (get("slmd", self.name_) or {}).get("spec", {}).get("packs", 1)
+        current = (get("slmd", self.deployment) or {}).get("spec", {}).get("packs", 1)
         samples = [PodSample(p["metadata"]["name"], p["status"].get("phase", "Pending"),
                              engine_load(p, 8000) if ready(p) else None) for p in pods]
         wanted = self.hpa.sync(now - self.started, current, samples)
         if wanted != current:
-            kubectl("scale", "-n", NS, f"slmd/{self.name_}", f"--replicas={wanted}")
+            kubectl("scale", "-n", NS, f"slmd/{self.deployment}", f"--replicas={wanted}")
             self.decisions.append({"t_s": round(now - self.started, 1), "from": current, "to": wanted,
                                    "loads": [s.value for s in samples]})
 
@@ -316,10 +311,6 @@ def main() -> int:
         scenario.set_up_local_cluster()
         scenario.helm_install()
     annotator = gpu_annotator(args.out / "annotator.log")
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-    flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("flags"))
 
     if args.hpa_only:  # the slmpack run of an earlier invocation, from its files
         before = json.loads((args.out / "summary.json").read_text())
@@ -361,8 +352,7 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(asdict(s) for s in samples)
     (args.out / "requests.json").write_text(json.dumps([asdict(r) for r in requests]))
-    summary = {"command": " ".join(sys.argv), "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-               "bf16_flags": sorted(f for f in flags if "bf16" in f), "python": platform.python_version(),
+    summary = {"command": " ".join(sys.argv), "environment": environment(None), "cores": len(os.sched_getaffinity(0)),
                "steps": [asdict(s) for s in steps], "cooldown_s": args.cooldown, "profile": profile,
                "target_per_replica": per_replica,
                "slmpack": {**summarize(s_samples, s_requests, steps), "plan": plan, "decisions": slmpack["decisions"]},
