@@ -344,6 +344,8 @@ def test_the_exporter_process_serves_nvml_down_here_without_crashing():
         process.terminate()
         stderr = process.communicate(timeout=10)[1]
     assert stderr.count("NVML is not available") == 1  # one clear line, not one per scrape
+    # SIGTERM is handled (exit 0, not -15): as a pod's PID 1 an unhandled one would be ignored.
+    assert process.returncode == 0
 
 
 def test_a_stalled_client_does_not_hold_up_scrapes():

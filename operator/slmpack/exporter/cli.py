@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -103,5 +105,11 @@ def run(args: argparse.Namespace) -> int:
     start_annotator(args)
     log.info("serving /metrics and /healthz on %s:%d (NVML %s)", args.address, args.port,
              "up" if collector.nvml_up else f"down: {collector.last_error}")
-    server.serve_forever()
+    # As a container's PID 1 the process ignores a SIGTERM it has no handler for, and every pod
+    # deletion would wait out the grace period.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
