@@ -1,6 +1,7 @@
 """Confidence intervals, the stopping rule shared by probes and repeats, and the significance of a gain."""
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -52,13 +53,27 @@ def test_a_clear_gain_is_significant_and_its_ratio_interval_excludes_one():
     assert test.significant and test.p_value < 0.001
     assert test.ratio == pytest.approx(1.61, abs=0.01)
     assert 1 < test.ratio_low < test.ratio < test.ratio_high
-    assert test.describe().startswith("1.61x (95% CI")
+    assert test.describe().startswith("1.61x (95% one-sided bounds")
 
 
 def test_a_gain_inside_the_noise_is_not_significant():
     test = gain_test([520, 430, 490], [474, 470, 478])
     assert test.ratio > 1 and not test.significant
     assert test.ratio_low < 1
+
+
+def test_the_bounds_shown_agree_with_the_decision():
+    # Borderline gains, where a two-sided interval at the test's confidence would contain 1 for a
+    # gain the one-sided test calls significant.
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(300):
+        candidate = [rng.gauss(104, 5) for _ in range(5)]
+        baseline = [rng.gauss(100, 5) for _ in range(5)]
+        test = gain_test(candidate, baseline, confidence_percent=95)
+        assert test.significant == (test.ratio_low > 1), test.describe()
+        seen.add(test.significant)
+    assert seen == {True, False}
 
 
 def test_a_loss_is_never_a_significant_gain():

@@ -571,8 +571,9 @@ class ReplicationDecision(Model):
     replicas: int = Field(..., description="The replicas decided on.")
     best_candidate: int | None = Field(None, description="The k > 1 with the highest mean throughput.")
     ratio: float | None = Field(None, description="Its mean throughput over one replica's.")
-    ratio_ci_low: float | None = Field(None, description="The ratio's confidence interval, lower end.")
-    ratio_ci_high: float | None = Field(None, description="The ratio's confidence interval, upper end.")
+    ratio_ci_low: float | None = Field(None, description="The ratio's one-sided lower bound at that confidence: "
+                                       "above 1 exactly when the gain is significant.")
+    ratio_ci_high: float | None = Field(None, description="The ratio's one-sided upper bound at that confidence.")
     p_value: float | None = Field(None, description="Welch's one-sided t-test of its runs against one replica's.")
     confidence_percent: int = Field(95, description="The confidence the gain had to reach.")
     significant: bool = Field(False, description="Whether the gain is significant at that confidence.")
