@@ -369,7 +369,7 @@ def test_a_plan_change_rolls_the_replicas_while_the_service_keeps_answering(k):
 
         def rolled():
             sts = k.statefulset("roll")
-            args = [engine_args(p) for p in [sts]][0]
+            args = engine_args(sts)
             # Until the controller has seen the new template, its status still describes the old one.
             return (args[args.index("--max-num-seqs") + 1] == "4"
                     and sts.status.observed_generation == sts.metadata.generation
