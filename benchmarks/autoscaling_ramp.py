@@ -12,8 +12,8 @@ per-replica target: `targetKneePercent` of the profile's knee batch, in requests
   packs through the scale subresource every 15 s: how an HPA on request concurrency runs one replica per GPU.
 The HPA's downscale stabilization window is set to slmpack's scale-in cooldown, so both wait as long to scale in.
 
-Every 5 s it samples replicas, ready replicas and the GPUs the deployment's pods hold (the slmpack.dev/gpu-uuids
-annotation that the exporter, run on the host, writes from the kubelet's PodResources; a pod not annotated yet
+Every 5 s it samples replicas, ready replicas and the GPUs the deployment's pods hold (the ConfigMap
+slmpack-gpus-localhost that the exporter, run on the host, writes from the kubelet's PodResources; a pod not there yet
 counts as one more GPU).
 Every request's inter-token gaps are kept. Writes timeline.csv, requests.json, summary.json and timeline.png.
 """
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,14 +44,14 @@ from benchmarks.hpa import Hpa, PodSample  # noqa: E402
 from e2e.scenario import get, items, kubectl, sh, wait  # noqa: E402
 
 from e2e import scenario  # noqa: E402
-from slmpack.adapters.engine_metrics import EngineMetrics  # noqa: E402
+from slmpack.adapters.engine_metrics import EngineMetricsReader  # noqa: E402
+from slmpack.core.gpu_assignments import config_map_name, gpus_by_pod_uid  # noqa: E402
 from slmpack.profiler.loadgen import Endpoint, stream_completion, synthetic_prompt  # noqa: E402
 from slmpack.profiler.run import environment  # noqa: E402
 
 NS = scenario.APP_NS
 SELECTOR = "app.kubernetes.io/name=slmpack-engine,slmpack.dev/deployment={}"  # engine pods, not the profiler
-GPU_ANNOTATION = "slmpack.dev/gpu-uuids"
-ENGINE_METRICS = EngineMetrics()
+ENGINE_METRICS = EngineMetricsReader()
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Sample:
     replicas: int
     ready: int
     gpus: int
+
+
+# slmpack's set-up shares each GPU by MPS in this many slots.
+SLOTS_PER_GPU = 2
 
 
 @dataclass
@@ -104,13 +109,15 @@ def gpu_node(gpus: int, sharing: str, replicas: int, policy: str) -> None:
          .get("nvidia.com/gpu") == capacity, 120, f"nvidia.com/gpu {capacity} allocatable")
 
 
-def gpu_annotator(log: Path) -> subprocess.Popen:
-    """The exporter on the host, as root, annotating each engine pod with the GPUs the kubelet gave it: the chart's
-    exporter runs as non-root in devMode.cpu and may not connect to the kubelet's root-owned PodResources socket."""
+def gpu_publisher(log: Path) -> subprocess.Popen:
+    """The exporter on the host, as root, publishing the GPUs the kubelet gave each engine pod in the release's
+    namespace, where the operator reads them: the chart's exporter runs as non-root in devMode.cpu and may not
+    connect to the kubelet's root-owned PodResources socket."""
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "slmpack.cli", "exporter", "--address", "127.0.0.1", "--port", "19411",
-             "--fake-devices", "1:1", "--node-name", "localhost", "--annotate-interval-seconds", "2",
+             "--fake-devices", "1:1", "--node-name", "localhost", "--gpu-assignments-interval-seconds", "2",
+             "--gpu-assignments-namespace", scenario.SYSTEM_NS,
              "--pod-resources-socket", str(ROOT / ".cluster/kubelet/pod-resources/kubelet.sock")],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": scenario.KUBECONFIG})
 
@@ -120,12 +127,13 @@ def pods_of(name: str) -> list[dict]:
 
 
 def gpus_held(pods: list[dict]) -> int:
+    published = gpus_by_pod_uid([get("configmap", config_map_name("localhost"), namespace=scenario.SYSTEM_NS) or {}])
     uuids: set[str] = set()
     unknown = 0
     for pod in pods:
-        held = (pod["metadata"].get("annotations") or {}).get(GPU_ANNOTATION, "")
+        held = published.get(pod["metadata"]["uid"])
         if held:
-            uuids.update(u for u in held.split(",") if u)
+            uuids.update(held)
         elif pod["status"].get("phase") in ("Pending", "Running"):
             unknown += 1
     return len(uuids) + unknown
@@ -138,8 +146,15 @@ def ready(pod: dict) -> bool:
 def engine_load(pod: dict, port: int) -> float | None:
     """Requests running + waiting, read as slmpack's autoscaler reads them; None when the engine does not answer."""
     ip = pod["status"].get("podIP")
-    load = ENGINE_METRICS.read(pod["metadata"]["name"], f"http://{ip}:{port}/metrics") if ip else None
-    return load.load if load else None
+    if not ip:
+        return None
+
+    async def read():
+        async with httpx.AsyncClient() as client:
+            return await ENGINE_METRICS.read(client, pod["metadata"]["name"], f"http://{ip}:{port}/metrics")
+
+    reading = asyncio.run(read())  # the sampler's own thread has no event loop
+    return reading.load.load if reading.load else None
 
 
 class Sampler(threading.Thread):
@@ -234,9 +249,23 @@ def run_setup(setup: str, name: str, body: dict, steps: list[Step], hpa: Hpa | N
     return {"samples": sampler.samples, "requests": requests, "decisions": decisions, "status": ready_status}
 
 
+def held_seconds(samples: list[Sample], value) -> float:
+    """The integral of value(sample) over the samples' own times: each sample holds until the next one is
+    taken (the sampler's period drifts from 5 s to 5.6 s under load), and the last one ends the run."""
+    return sum(value(a) * (b.t_s - a.t_s) for a, b in zip(samples, samples[1:], strict=False))
+
+
+def packed_gpu_seconds(samples: list[Sample], slots_per_gpu: int) -> float:
+    """GPU-seconds of the same replica timeline with its pods packed `slots_per_gpu` to a GPU: what the HPA would
+    have held on slmpack's packed slots. On this test bed the engines run on the CPU whatever GPU slot they hold, so
+    the HPA's load per pod, and so its timeline, would be the same."""
+    return held_seconds(samples, lambda s: math.ceil(s.replicas / slots_per_gpu))
+
+
 def summarize(samples: list[Sample], requests: list[Request], steps: list[Step]) -> dict:
     gaps = [g for r in requests if r.ok for g in r.itl_ms]
-    gpu_seconds = sum(5 * s.gpus for s in samples)
+    gpu_seconds = round(held_seconds(samples, lambda s: s.gpus))
+    duration = samples[-1].t_s - samples[0].t_s
     bounds, at = [], 0.0
     for step in steps:
         bounds.append((at, at + step.seconds, step.concurrency))
@@ -256,7 +285,7 @@ def summarize(samples: list[Sample], requests: list[Request], steps: list[Step])
             "errors": sorted({r.error for r in requests if not r.ok})[:5],
             "tokens": sum(r.output_tokens for r in requests if r.ok),
             "gpu_seconds": gpu_seconds, "max_gpus": max(s.gpus for s in samples),
-            "mean_gpus": round(gpu_seconds / (5 * len(samples)), 2),
+            "mean_gpus": round(gpu_seconds / duration, 2) if duration else None,
             "p50_itl_ms": round(float(np.percentile(gaps, 50)), 1),
             "p99_itl_ms": round(float(np.percentile(gaps, 99)), 1),
             "per_step": per_step}
@@ -292,6 +321,30 @@ def plot(samples: list[Sample], requests: list[Request], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def hpa_on_packed_slots(samples: list[Sample], slots_per_gpu: int) -> dict:
+    """The second baseline: the HPA's own replica timeline on slmpack's packed slots, so that the table separates
+    packing's share of the saving from the autoscaler's."""
+    return {"gpu_seconds": round(packed_gpu_seconds(samples, slots_per_gpu)), "slots_per_gpu": slots_per_gpu,
+            "derived_from": "the hpa samples' replicas, ceil(replicas / slots_per_gpu) GPUs, over their times"}
+
+
+def recompute(out: Path) -> int:
+    """summary.json again from the raw files, with the figures the current code derives."""
+    summary = json.loads((out / "summary.json").read_text())
+    with (out / "timeline.csv").open() as f:
+        samples = [Sample(r["setup"], float(r["t_s"]), int(r["offered"]), int(r["replicas"]), int(r["ready"]),
+                          int(r["gpus"])) for r in csv.DictReader(f)]
+    requests = [Request(**r) for r in json.loads((out / "requests.json").read_text())]
+    steps = [Step(**s) for s in summary["steps"]]
+    for setup in ("slmpack", "hpa"):
+        mine = [s for s in samples if s.setup == setup]
+        summary[setup].update(summarize(mine, [r for r in requests if r.setup == setup], steps))
+    summary["hpa_on_packed_slots"] = hpa_on_packed_slots([s for s in samples if s.setup == "hpa"], SLOTS_PER_GPU)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k]["gpu_seconds"] for k in ("slmpack", "hpa", "hpa_on_packed_slots")}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="4:180,12:240,24:300,12:240,4:300",
@@ -304,13 +357,17 @@ def main() -> int:
     parser.add_argument("--skip-setup", action="store_true", help="the cluster and the chart are already up")
     parser.add_argument("--hpa-only", action="store_true",
                         help="run the HPA again; the slmpack run and its plan come from --out's files")
+    parser.add_argument("--recompute", action="store_true",
+                        help="run nothing: recompute summary.json from --out's timeline.csv and requests.json")
     args = parser.parse_args()
     steps = parse_steps(args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.recompute:
+        return recompute(args.out)
     if not args.skip_setup:
         scenario.set_up_local_cluster()
         scenario.helm_install()
-    annotator = gpu_annotator(args.out / "annotator.log")
+    annotator = gpu_publisher(args.out / "annotator.log")
 
     if args.hpa_only:  # the slmpack run of an earlier invocation, from its files
         before = json.loads((args.out / "summary.json").read_text())
@@ -323,7 +380,7 @@ def main() -> int:
                    "decisions": before["slmpack"]["decisions"]}
     else:
         print("--> slmpack: MPS, 2 slots per GPU, packed; profiled, then autoscaled", flush=True)
-        gpu_node(args.gpus, "mps", 2, "packed")
+        gpu_node(args.gpus, "mps", SLOTS_PER_GPU, "packed")
         autoscaling = {"minPacks": 1, "maxPacks": args.gpus, "targetKneePercent": args.target_knee_percent,
                        "scaleInCooldownSeconds": args.cooldown, "periodSeconds": 15}
         slmpack = run_setup("slmpack", "ramp-slmpack", engine_spec("ramp-slmpack", autoscaling=autoscaling), steps,
@@ -357,7 +414,8 @@ def main() -> int:
                "target_per_replica": per_replica,
                "slmpack": {**summarize(s_samples, s_requests, steps), "plan": plan, "decisions": slmpack["decisions"]},
                "hpa": {**summarize(h_samples, h_requests, steps), "plan": hpa["status"]["plan"],
-                       "engine": body["spec"]["engine"], "decisions": hpa["decisions"]}}
+                       "engine": body["spec"]["engine"], "decisions": hpa["decisions"]},
+               "hpa_on_packed_slots": hpa_on_packed_slots(h_samples, SLOTS_PER_GPU)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(samples, requests, args.out / "timeline.png")
     for setup in ("slmpack", "hpa"):

@@ -7,9 +7,10 @@ concurrency, as the Service would spread it; their throughputs add up.
 
 Steps, each writing its raw output under --out:
   1. `slmpack profile` (adaptive) on the model: knee, runs, plan input, wall time, probes.
-  2. The three set-ups, three repeats each; on the best single replica's server also
-     `vllm bench serve` at every batch of the grid up to its batch: the curve on which BCA's
-     knee is taken with vLLM's own numbers.
+  2. The three set-ups, three repeats each.
+  3. On one more server, `vllm bench serve` at every grid batch up to twice the knee (or the
+     grid's end): the curve on which BCA's knee is taken with vLLM's own numbers. It runs past
+     the knee, so the cross-check can fail.
 Then `cpu_packing.json` and a table for the README.
 
     PYTHONPATH=operator python benchmarks/cpu_packing.py --model ~/.cache/slmpack/models/SmolLM2-135M-Instruct
@@ -203,14 +204,6 @@ def main() -> int:
             try:
                 runs = [bench_all([s.endpoint for s in servers], args.model, offered, prompts,
                                   args.out / "setups" / f"{name}-run{r}.json") for r in range(args.repeats)]
-                if name == "best_single" and "curve" in steps:
-                    # vLLM's own curve on the same server, for BCA's knee by vLLM's numbers.
-                    record["load_average_curve"] = load_average()
-                    for b in (b for b in grid if b <= best_batch):
-                        bench(servers[0].endpoint, args.model, b, max(8, args.prompts_per_client * b),
-                              args.out / "curve" / f"b{b}.json")
-                    points = load_points([str(f) for f in (args.out / "curve").glob("b*[0-9].json")])
-                    record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
             finally:
                 for server in servers:
                     stop(server)
@@ -218,6 +211,22 @@ def main() -> int:
                                       "p99_itl_ms": [r["p99_itl_ms"] for r in runs], "replicas": replicas,
                                       "max_num_seqs": batch or 128, "start_s": start_s}
             save()
+    if "curve" in steps:
+        # vLLM's own curve past the knee, on a server that admits every batch of it, for BCA's knee by vLLM's numbers.
+        record["load_average_curve"] = load_average()
+        top = min(grid[-1], 2 * decided.knee_batch_size)
+        curve = [b for b in grid if b <= top]
+        server = engine.start(18440, curve[-1], extra_env=cpu_threads_env(cpu_threads_per_replica(
+            1, len(os.sched_getaffinity(0)))), name="curve")
+        try:
+            for b in curve:
+                bench(server.endpoint, args.model, b, max(8, args.prompts_per_client * b),
+                      args.out / "curve" / f"b{b}.json")
+        finally:
+            stop(server)
+        points = load_points([str(args.out / "curve" / f"b{b}.json") for b in curve])
+        record["curve_batches"] = curve
+        record["knee_bca_on_vllm_bench"] = find_knee(points).batch_size
     summary = save()
     print(json.dumps(summary, indent=1))
     print(table(summary))

@@ -4,7 +4,7 @@
 
 helm install → a bad SLMDeployment rejected at apply → kubectl apply the CPU example → the
 operator's profiling Job (the operator pod is killed meanwhile and must not start a second Job)
-→ the real profiler writes the SLMProfile → the StatefulSet's replicas start one by one → a
+→ the real profiler writes the SLMProfile → the StatefulSet's CPU replicas start together → a
 completion through the Service → Prometheus on the host evaluates J/token → kubectl delete
 removes everything → helm uninstall leaves no operator object. Prints a timeline of the phases.
 """
@@ -81,14 +81,16 @@ def get(kind: str, name: str = "", namespace: str = APP_NS, selector: str = "") 
 
 
 def wait(predicate, seconds: float, what: str, every: float = 2.0, show=None):
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
     last_shown = None
     while time.monotonic() < deadline:
         result = predicate()
         if result:
             return result
         if show and (message := show()) != last_shown:
-            print(f"    {message}", flush=True)
+            # The seconds into the step, so that the record shows where a long step spends its time.
+            print(f"    {time.monotonic() - started:6.1f} s  {message}", flush=True)
             last_shown = message
         time.sleep(every)
     raise SystemExit(f"timed out after {seconds:.0f} s waiting for {what}")
@@ -167,7 +169,7 @@ def profile_measured() -> str:
 def replicas_ready() -> dict:
     sts = wait(lambda: get("statefulset", NAME), 180, "the StatefulSet")
     planned = sts["spec"]["replicas"]
-    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"  # CPU: as the profiler started them
 
     def show():
         now = status("slmd", NAME)
@@ -177,7 +179,7 @@ def replicas_ready() -> dict:
     pods = sorted(items("pods", selector=f"slmpack.dev/deployment={NAME}"), key=lambda p: p["metadata"]["name"])
     for earlier, later in zip(pods, pods[1:], strict=False):
         ready_at = next(c["lastTransitionTime"] for c in earlier["status"]["conditions"] if c["type"] == "Ready")
-        assert later["metadata"]["creationTimestamp"] >= ready_at, "replicas must start one by one"
+        assert later["metadata"]["creationTimestamp"] <= ready_at, "CPU replicas must start together"
     return status("slmd", NAME)
 
 
@@ -191,7 +193,10 @@ def completion_through_the_service() -> str:
     return answer
 
 
-def prometheus_energy_per_token() -> float:
+DEMO_LEFT = ROOT / ".cluster" / "demo-left"  # what a kept demo left running, for `make demo-down`
+
+
+def prometheus_energy_per_token(keep: bool = False) -> float:
     binary = shutil.which("prometheus")
     engines = [f"{p['status']['podIP']}:8000" for p in items("pods", selector=f"slmpack.dev/deployment={NAME}")]
     exporters = [f"{p['status']['podIP']}:9400"
@@ -209,7 +214,7 @@ def prometheus_energy_per_token() -> float:
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
                                 f"--storage.tsdb.path={work / 'data'}", "--web.listen-address=127.0.0.1:19090"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=keep)
     try:
         service = get("service", NAME)["spec"]["clusterIP"]
         url = "http://127.0.0.1:19090/api/v1/query"
@@ -226,11 +231,35 @@ def prometheus_energy_per_token() -> float:
         found = wait(joules, 180, "slmpack:energy_per_token:joules", 2)
         value = float(found[0]["value"][1])
         print(f"    J/token for {APP_NS}/{NAME}: {value:.4f} (fake GPU power in CPU dev mode)")
+        if keep:  # left for the newcomer to query; `make demo-down` stops it by this PID
+            DEMO_LEFT.write_text(json.dumps({"prometheus_pid": process.pid, "prometheus_dir": str(work)}))
         return value
     finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            process.terminate()
+            process.wait(10)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def try_it() -> str:
+    """What a newcomer can do with the demo left running."""
+    service = get("service", NAME)["spec"]["clusterIP"]
+    kube = f"KUBECONFIG={KUBECONFIG} {CACHE / 'k8s-1.20.2/bin/kubectl'}"
+    return f"""
+The deployment is left serving. Try it:
+
+  curl http://{service}:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{NAME}", "prompt": "The capital of France is", "max_tokens": 16}}'
+  python3 -c "from openai import OpenAI; c = OpenAI(base_url='http://{service}:8000/v1', api_key='none'); \\
+print(c.completions.create(model='{NAME}', prompt='Small models', max_tokens=16).choices[0].text)"
+
+  {kube} get slmd,slmp -n {APP_NS}
+  {kube} describe slmd {NAME} -n {APP_NS}
+
+  Prometheus: http://127.0.0.1:19090/graph?g0.expr=slmpack:energy_per_token:joules   (J/token per deployment)
+
+When done: make demo-down   (removes the deployment, the chart, Prometheus and the cluster)
+"""
 
 
 def plot_profile(profile: str) -> Path:
@@ -261,6 +290,9 @@ def helm_uninstall() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", type=Path, help="write the timeline as Markdown to this file")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the deployment serving and Prometheus running to try (make demo); "
+                             "`make demo-down` removes them")
     args = parser.parse_args()
     timeline = Timeline()
     if LOCAL:
@@ -276,22 +308,25 @@ def main() -> int:
         operator_killed_during_profiling(job)
     with timeline.phase("profiling: real profiler on vLLM CPU writes the SLMProfile"):
         profile = profile_measured()
-    with timeline.phase("StatefulSet replicas start one by one and become Ready"):
+    with timeline.phase("StatefulSet replicas start together and become Ready"):
         final = replicas_ready()
     with timeline.phase("completion through the Service"):
         completion_through_the_service()
     with timeline.phase("Prometheus on the host evaluates J/token"):
-        joules = prometheus_energy_per_token()
+        joules = prometheus_energy_per_token(keep=args.keep)
     with timeline.phase("plot the profile"):
         png = plot_profile(profile)
-    with timeline.phase("kubectl delete removes everything it created"):
-        deletion_cleans_up(profile)
-    with timeline.phase("helm uninstall leaves no operator objects"):
-        helm_uninstall()
+    if not args.keep:
+        with timeline.phase("kubectl delete removes everything it created"):
+            deletion_cleans_up(profile)
+        with timeline.phase("helm uninstall leaves no operator objects"):
+            helm_uninstall()
     plan = final.get("plan", {})
     print(f"\nReady with {plan.get('replicas')} replica(s) at knee batch {plan.get('kneeBatchSize')}; "
           f"plot: {png}; J/token: {joules:.4f}\n")
     print(timeline.render())
+    if args.keep:
+        print(try_it())
     if args.record:
         args.record.write_text("# End-to-end timeline\n\nOn the local test bed (2 cores, no GPU), "
                                "`python3 e2e/scenario.py --record benchmarks/e2e.md`:\n\n"

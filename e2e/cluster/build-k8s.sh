@@ -12,8 +12,12 @@ BIN=$CACHE/k8s-$K8S_VERSION/bin
 WORK=$CACHE/k8s-$K8S_VERSION/src
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 
+# `build-k8s.sh source` only fetches and unpacks the source: the kubelet's protos need no compiler, so the
+# images can build while the binaries compile.
+MODE=${1:-build}
+
 have_all() { for c in "${COMPONENTS[@]}" pause; do [ -x "$BIN/$c" ] || return 1; done; }
-if have_all; then echo "k8s $K8S_VERSION binaries cached in $BIN"; exit 0; fi
+if [ "$MODE" = build ] && have_all; then echo "k8s $K8S_VERSION binaries cached in $BIN"; exit 0; fi
 mkdir -p "$BIN" "$WORK"
 
 # A private apt configuration with a deb-src line, so the system's sources stay untouched.
@@ -36,6 +40,7 @@ if [ -z "$SRC" ]; then
   (cd "$WORK" && dpkg-source -x kubernetes_*.dsc >/dev/null)
   SRC=$(ls -d "$WORK"/kubernetes-*/ | head -1)
 fi
+if [ "$MODE" = source ]; then echo "k8s $K8S_VERSION source in $SRC"; exit 0; fi
 cd "$SRC"
 
 for lib in github.com/modern-go/reflect2 github.com/json-iterator/go; do

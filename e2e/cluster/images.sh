@@ -2,11 +2,13 @@
 # Local images without a registry: buildah builds them, `buildah push docker-archive:`
 # writes a tar into the cache, and `ctr images import` hands it to the node's containerd.
 #
-#   images.sh base                          debian:bookworm-slim and python:3.11-slim stand-ins (debootstrap)
+#   images.sh base                          debian:bookworm-slim and python:3.11-slim stand-ins (debootstrap
+#                                           from DEBIAN_MIRROR, a snapshot to fix package versions)
 #   images.sh pause TAG BINARY              the pod sandbox image from Kubernetes' own pause.c
 #   images.sh busybox TAG                   a busybox image from Debian's busybox-static
 #   images.sh build TAG DOCKERFILE [CONTEXT]  a Dockerfile from images/, built with --pull-never
-#                                           (TARGET=stage picks a stage of a multi-stage file)
+#                                           (TARGET=stage picks a stage of a multi-stage file,
+#                                           BUILD_ARGS="--build-arg K=V ..." passes build arguments)
 #   images.sh import TAG                    load the cached tar into the node's containerd
 #   images.sh tar-path TAG                  where the tar of TAG is cached
 #
@@ -61,8 +63,14 @@ build_mounts() {
 base() {
   if ! exists docker.io/library/debian:bookworm-slim; then
     local rootfs; rootfs=$(mktemp -d)
-    log "debootstrap bookworm (about 25 s)"
-    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+    # DEBIAN_MIRROR=http://snapshot.debian.org/archive/debian/<YYYYMMDDThhmmssZ> fixes every package version:
+    # the image's apt sources are the mirror it was bootstrapped from, so the images' apt-get installs too.
+    local mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+    log "debootstrap bookworm from $mirror (about 25 s)"
+    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
+    case "$mirror" in  # a snapshot's Release files are past their Valid-Until date
+      *snapshot.debian.org*) echo 'Acquire::Check-Valid-Until "false";' > "$rootfs/etc/apt/apt.conf.d/10snapshot" ;;
+    esac
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     local c; c=$(buildah from scratch)
     buildah copy -q "$c" "$rootfs" / >/dev/null
@@ -102,7 +110,7 @@ busybox() {
 inputs_key() { # a hash of what a build reads: the Dockerfile, its stage, and every file it COPYs
   local dockerfile=$1 context=$2 sources
   sources=$(awk 'toupper($1) == "COPY" && $2 !~ /^--from/ { for (i = 2; i < NF; i++) print $i }' "$dockerfile")
-  { cat "$dockerfile"; echo "target=${TARGET:-}"
+  { cat "$dockerfile"; echo "target=${TARGET:-}${BUILD_ARGS:+ build-args=$BUILD_ARGS}"
     # shellcheck disable=SC2086
     [ -z "$sources" ] || (cd "$context" && find $sources -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -print0 | sort -z \
       | xargs -0 sha256sum)
@@ -119,7 +127,7 @@ build() { # build TAG DOCKERFILE [CONTEXT] [--no-archive]
   log "building $tag from $dockerfile"
   local output; output=$(mktemp)
   # shellcheck disable=SC2046
-  buildah bud --pull-never --network host --layers $(build_mounts) ${TARGET:+--target "$TARGET"} \
+  buildah bud --pull-never --network host --layers $(build_mounts) ${TARGET:+--target "$TARGET"} ${BUILD_ARGS:-} \
     -f "$dockerfile" -t "$tag" "$context" > "$output" || { tail -40 "$output" >&2; rm -f "$output"; exit 1; }
   # Each step's image ("--> ID", or "--> Using cache ID") is the layer cache of this tag's next build.
   sed -nE 's/^--> (Using cache )?([0-9a-f]{11}).*/\2/p' "$output" > "$tar.steps"
@@ -166,5 +174,5 @@ case "${1:-}" in
   build) shift; build "$@" ;;
   import) import "$2" ;;
   tar-path) tar_path "$2" ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

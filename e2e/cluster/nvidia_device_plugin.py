@@ -37,7 +37,11 @@ What it follows in NVIDIA/k8s-device-plugin (v0.20):
 
 Settings (flags, or the environment variables that e2e/cluster/cluster.sh passes on):
 SLMPACK_GPUS, SLMPACK_GPU_SHARING, SLMPACK_GPU_REPLICAS, SLMPACK_GPU_PRODUCT,
-SLMPACK_GPU_MEMORY_MIB, SLMPACK_GPU_ALLOCATION_POLICY.
+SLMPACK_GPU_MEMORY_MIB, SLMPACK_GPU_ALLOCATION_POLICY, SLMPACK_GPU_OPERATOR=1 to label the node as
+NVIDIA's GPU Operator does (`nvidia.com/gpu.present=true`, which GFD alone does not write),
+SLMPACK_GPU_CDI=1 to allocate as the GPU Operator's plugin does by default (CDI device names in
+`cdi.k8s.io/` annotations, no NVIDIA_VISIBLE_DEVICES: no node label shows this), and
+SLMPACK_GPU_TAINT=1 to taint the node `nvidia.com/gpu=present:NoSchedule`, as GPU pools often are.
 
     PYTHONPATH=operator python -m e2e.cluster.nvidia_device_plugin --kubeconfig .cluster/kubeconfig \
         --mps-root .cluster/nvidia-mps --gpus 2 --sharing mps --replicas 4
@@ -71,6 +75,7 @@ MPS_CONTAINER_ROOT = "/mps"
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")  # pluginapi.DevicePluginPath in kubelet 1.20
 MPS_HOST_ROOT = Path("/run/nvidia/mps")  # the plugin's default mps.root
 LABEL_PREFIX = "nvidia.com/"
+CDI_KIND = "k8s.device-plugin.nvidia.com/gpu"
 H100 = ("NVIDIA H100 80GB HBM3", 81559)
 
 
@@ -89,6 +94,15 @@ class GpuNode:
     memory_mib: int = H100[1]
     policy: str = "distributed"
     node: str = "localhost"
+    # NVIDIA's GPU Operator also labels its nodes nvidia.com/gpu.present=true; GFD alone, beside a
+    # plain device plugin, does not. Off by default, so that what works here works without it.
+    gpu_operator: bool = False
+    # Allocate as the GPU Operator's plugin does since v25.10 (deviceListStrategy cdi-annotations): CDI
+    # device names in annotations and no NVIDIA_VISIBLE_DEVICES (NVIDIA/k8s-device-plugin
+    # internal/plugin/server.go, getAllocateResponseForCDI; NVIDIA/gpu-operator controllers/object_controls.go).
+    cdi: bool = False
+    # Taint the node nvidia.com/gpu=present:NoSchedule, as managed GPU pools are.
+    taint: bool = False
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
@@ -121,7 +135,7 @@ class GpuNode:
     def labels(self) -> dict[str, str]:
         product = "-".join(re.sub(r"[^A-Za-z0-9-_. ]", "", self.product).split())
         return {
-            "nvidia.com/gpu.present": "true",
+            **({"nvidia.com/gpu.present": "true"} if self.gpu_operator else {}),
             "nvidia.com/gpu.product": f"{product}-SHARED" if self.replicas > 1 else product,
             "nvidia.com/gpu.count": str(self.gpus),
             "nvidia.com/gpu.replicas": str(self.replicas),
@@ -130,6 +144,9 @@ class GpuNode:
             "nvidia.com/mps.capable": str(self.sharing == "mps").lower(),
             "nvidia.com/mig.capable": "false",
         }
+
+    def taints(self) -> list[dict]:
+        return [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}] if self.taint else []
 
     def preferred(self, available: list[str], required: list[str], size: int) -> list[str]:
         """GetPreferredAllocation for one container."""
@@ -167,7 +184,14 @@ class GpuNode:
             raise AllocationRefused(f'invalid allocation request for "{RESOURCE}": invalid request: '
                                     f"maximum request size for shared resources is 1; found {len(device_ids)}")
         gpus = list(dict.fromkeys(gpu_uuid(d) for d in device_ids))
-        response = {"envs": {"NVIDIA_VISIBLE_DEVICES": ",".join(gpus)}, "mounts": []}
+        if self.cdi:
+            # cdiapi.UpdateAnnotations(annotations, "nvidia-device-plugin", <response uuid>, devices), with the
+            # plugin's CDI kind k8s.device-plugin.nvidia.com/gpu (tags.k8s.io/container-device-interface).
+            names = ",".join(f"{CDI_KIND}={gpu}" for gpu in gpus)
+            response = {"envs": {}, "mounts": [],
+                        "annotations": {f"cdi.k8s.io/nvidia-device-plugin_{uuid.uuid4()}": names}}
+        else:
+            response = {"envs": {"NVIDIA_VISIBLE_DEVICES": ",".join(gpus)}, "mounts": [], "annotations": {}}
         if self.sharing == "mps":
             pipe = f"{MPS_CONTAINER_ROOT}/{RESOURCE}/pipe"
             response["envs"]["CUDA_MPS_PIPE_DIRECTORY"] = pipe
@@ -184,6 +208,9 @@ class GpuNode:
             "product": env.get("SLMPACK_GPU_PRODUCT", H100[0]),
             "memory_mib": int(env.get("SLMPACK_GPU_MEMORY_MIB", str(H100[1]))),
             "policy": env.get("SLMPACK_GPU_ALLOCATION_POLICY", "distributed"),
+            "gpu_operator": env.get("SLMPACK_GPU_OPERATOR", "0") == "1",
+            "cdi": env.get("SLMPACK_GPU_CDI", "0") == "1",
+            "taint": env.get("SLMPACK_GPU_TAINT", "0") == "1",
         }
         return cls(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -244,7 +271,7 @@ class Plugin:
                 context.abort(self.grpc.StatusCode.UNKNOWN, str(error))
             log.info("allocated %s: %s", list(req.devicesIDs), answer["envs"])
             responses.append(self.pb.ContainerAllocateResponse(
-                envs=answer["envs"],
+                envs=answer["envs"], annotations=answer["annotations"],
                 mounts=[self.pb.Mount(container_path=c, host_path=h) for c, h in answer["mounts"]]))
         self.allocations += 1
         return self.pb.AllocateResponse(container_responses=responses)
@@ -303,19 +330,25 @@ class NodeLabels:
         self.api = client.CoreV1Api(config.new_client_from_config(kubeconfig))
         self.node = node
 
-    def write(self, labels: dict[str, str]) -> None:
-        """Make the node's nvidia.com/ labels exactly these (a no-op when they are)."""
-        current = self.api.read_node(self.node).metadata.labels or {}
+    def write(self, labels: dict[str, str], taints: list[dict] = ()) -> None:
+        """Make the node's nvidia.com/ labels and taints exactly these (a no-op when they are)."""
+        node = self.api.read_node(self.node)
+        current = node.metadata.labels or {}
         stale = {k: None for k in current if k.startswith(LABEL_PREFIX) and k not in labels}
         changed = {k: v for k, v in labels.items() if current.get(k) != v}
         if stale or changed:
             self.api.patch_node(self.node, {"metadata": {"labels": {**stale, **changed}}})
+        present = [{k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v}
+                   for t in node.spec.taints or []]
+        others = [t for t in present if not t["key"].startswith(LABEL_PREFIX)]
+        if [t for t in present if t not in others] != list(taints):
+            self.api.patch_node(self.node, {"spec": {"taints": others + list(taints)}})
 
-    def keep(self, labels: dict[str, str], interval_s: float, stop: threading.Event) -> None:
-        """Write the labels now and again every interval, as GFD relabels after each sleep."""
+    def keep(self, labels: dict[str, str], interval_s: float, stop: threading.Event, taints: list[dict] = ()) -> None:
+        """Write the labels (and taints) now and again every interval, as GFD relabels after each sleep."""
         while True:
             try:
-                self.write(labels)
+                self.write(labels, taints)
             except Exception as error:  # the API away: the kubelet still has the devices
                 log.warning("could not label the node: %s", error)
             if stop.wait(interval_s):
@@ -354,8 +387,8 @@ def main() -> None:
     labels = NodeLabels(args.kubeconfig, args.node)
     signal.signal(signal.SIGTERM, plugin.stop)
     signal.signal(signal.SIGINT, plugin.stop)
-    labelling = threading.Thread(target=labels.keep, args=(node.labels(), args.label_interval, plugin.stopped),
-                                 daemon=True)
+    labelling = threading.Thread(target=labels.keep, args=(node.labels(), args.label_interval, plugin.stopped,
+                                                           node.taints()), daemon=True)
     try:
         plugin.run(on_registered=lambda: labelling.is_alive() or labelling.start())
     finally:

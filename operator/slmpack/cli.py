@@ -1,4 +1,4 @@
-"""`slmpack operator | render | profile | analyze | exporter | crds`.
+"""`slmpack operator | render | profile | analyze | exporter | router-agent | engine | supervise | crds`.
 
 Each subcommand lives in its own wing module, which exposes `configure(parser)`
 and `run(args) -> int`. Only the chosen wing is imported, so that `slmpack crds`
@@ -20,6 +20,11 @@ SUBCOMMANDS = {
                 "profile an engine: sweep batch sizes, find the knee, measure replicas"),
     "analyze": ("slmpack.profiler.cli_analyze", "analyze existing `vllm bench serve` result files"),
     "exporter": ("slmpack.exporter.cli", "serve NVML power and energy metrics for Prometheus"),
+    "router-agent": ("slmpack.router.agent",
+                     "feed a router's HAProxy the ready engines of its deployment (runs in the router pod)"),
+    "engine": ("slmpack.supervisor.engine", "run a GPU engine pinned to the GPUs its container was given"),
+    "supervise": ("slmpack.supervisor.run",
+                  "run a pack pod's engines (and its own MPS daemon), restart them, report their health, drain"),
     "crds": ("slmpack.api.crds", "print the CustomResourceDefinitions as YAML"),
 }
 

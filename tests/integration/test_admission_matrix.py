@@ -58,14 +58,18 @@ def on_busybox(obj: dict, image: str) -> dict:
 
 
 def pods_report(core: client.CoreV1Api, namespace: str, selector: str, count: int) -> dict[str, dict]:
+    """What every container of the `count` pods printed, by `pod/container` (a profiling pod holds a slot in each
+    of its containers)."""
     deadline = time.monotonic() + 120
     while True:
         pods = core.list_namespaced_pod(namespace, label_selector=selector).items
         failed = [p for p in pods if p.status.phase == "Failed"]
         assert not failed, f"{failed[0].metadata.name}: {failed[0].status.reason}: {failed[0].status.message}"
-        logs = {p.metadata.name: core.read_namespaced_pod_log(p.metadata.name, namespace)
-                for p in pods if p.status.phase == "Running"}
-        if len(logs) == count and all("visible=" in text for text in logs.values()):
+        running = [p for p in pods if p.status.phase == "Running"]
+        logs = {f"{p.metadata.name}/{c.name}": core.read_namespaced_pod_log(p.metadata.name, namespace,
+                                                                             container=c.name)
+                for p in running for c in p.spec.containers}
+        if len(running) == count and all("visible=" in text for text in logs.values()):
             return {name: dict(kv.split("=", 1) for kv in text.split(" ") if "=" in kv) for name, text in logs.items()}
         assert time.monotonic() < deadline, f"{count} pods of {selector} did not run: {[p.status for p in pods]}"
         time.sleep(1)
@@ -101,5 +105,7 @@ def test_rendered_pods_are_admitted_or_refused_before_creation(gpu_node, emulate
     selector = ",".join(f"{k}={v}" for k, v in workload["spec"]["template"]["metadata"]["labels"].items())
     seen = pods_report(core, namespace, selector, fixed or 1)
     assert {report["visible"] for report in seen.values()} <= set(node.uuids)
+    if not fixed:  # the profiling pod holds one slot per engine it may run, each container one, all admitted
+        assert len(seen) == min(4, replicas_per_gpu), seen  # maxReplicas 4 by default, at most the node's R
     if sharing == "mps":  # no pod volume hides the node's MPS shm that the plugin mounts at /dev/shm
         assert all(mps_shm.name in report["shm"].split() for report in seen.values()), seen

@@ -9,11 +9,12 @@ these mounts, or Failed with UnexpectedAdmissionError.
 import pytest
 from kubernetes import client
 
-from slmpack import GPU_UUIDS_ANNOTATION
-from slmpack.exporter.gpu_annotations import GpuAnnotator, annotation_patches, gpu_uuids, pod_resources_lister
+from slmpack.core.gpu_assignments import config_map_name, gpus_by_pod_uid
+from slmpack.core.gpu_pin import allocated_gpus
+from slmpack.exporter.gpu_assignments import ConfigMapsApi, GpuPublisher, gpu_uuids, pod_resources_lister
 from slmpack.exporter.pods import DEPLOYMENT_LABEL
 from tests.fixtures.cluster import wait
-from tests.fixtures.gpu_node import annotating_exporter
+from tests.fixtures.gpu_node import publishing_exporter
 
 pytestmark = pytest.mark.node
 
@@ -94,10 +95,14 @@ def test_the_allocation_policy_decides_whether_two_replicas_share_a_gpu(gpu_node
     second = run(core, namespace, gpu_pod("chat-1", busybox_image))["visible"]
     assert {first, second} <= set(node.uuids)
     assert (first == second) is same_gpu
+    # The plugin's MPS clients see every GPU: each engine pins CUDA to what its container was given, so two
+    # replicas the plugin spread over two GPUs do not both run on the first.
+    pinned = [allocated_gpus({"NVIDIA_VISIBLE_DEVICES": given}, set(), {}).devices for given in (first, second)]
+    assert pinned == [first, second]
 
 
-def test_engine_pods_are_annotated_with_the_gpus_the_kubelet_gave_them(gpu_node, busybox_image, core, namespace,
-                                                                        emulated_plugin):
+def test_the_nodes_config_map_names_the_gpus_the_kubelet_gave_each_engine_pod(gpu_node, busybox_image, core,
+                                                                             namespace, emulated_plugin):
     gpu_node(gpus=2, sharing="mps", replicas=2)
     engine = {DEPLOYMENT_LABEL: "chat"}
     visible = {name: run(core, namespace, gpu_pod(name, busybox_image, labels=engine))["visible"]
@@ -112,23 +117,35 @@ def test_engine_pods_are_annotated_with_the_gpus_the_kubelet_gave_them(gpu_node,
         pods = core.list_namespaced_pod(namespace, label_selector=DEPLOYMENT_LABEL)
         return core.api_client.sanitize_for_serialization(pods)["items"]
 
-    def patch(ns, name, value):
-        core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {GPU_UUIDS_ANNOTATION: value}}})
+    # The test's namespace stands for the exporter's own.
+    publisher = GpuPublisher("localhost", namespace, pod_resources, engine_pods, ConfigMapsApi(namespace, core))
+    assert publisher.sync() is True
+    config_map = core.read_namespaced_config_map(config_map_name("localhost"), namespace).to_dict()
+    uid = {name: core.read_namespaced_pod(name, namespace).metadata.uid for name in visible}
+    assert gpus_by_pod_uid([config_map]) == {uid[name]: (uuid,) for name, uuid in visible.items()}
+    assert publisher.sync() is False  # nothing changed, nothing written
+    core.delete_namespaced_pod("chat-1", namespace, grace_period_seconds=0)
+    wait(lambda: publisher.sync() or None, 60, "the deleted pod's entry to be dropped")
+    config_map = core.read_namespaced_config_map(config_map_name("localhost"), namespace).to_dict()
+    assert gpus_by_pod_uid([config_map]) == {uid["chat-0"]: (visible["chat-0"],)}
 
-    annotator = GpuAnnotator(pod_resources, engine_pods, patch)
-    assert annotator.sync() == 2
-    for name, uuid in visible.items():
-        assert core.read_namespaced_pod(name, namespace).metadata.annotations[GPU_UUIDS_ANNOTATION] == uuid
-    assert not (core.read_namespaced_pod("not-an-engine", namespace).metadata.annotations or {})
-    assert annotator.sync() == 0 and annotation_patches(gpu_uuids(pod_resources()), engine_pods()) == []
 
-
-def test_the_exporter_process_annotates_engine_pods(gpu_node, busybox_image, core, namespace, emulated_plugin,
-                                                    node_kubeconfig, tmp_path):
+def test_the_exporter_process_publishes_the_engine_pods_gpus(gpu_node, busybox_image, core, namespace,
+                                                             emulated_plugin, node_kubeconfig, tmp_path):
     gpu_node(gpus=2, sharing="time-slicing", replicas=2)
     visible = run(core, namespace, gpu_pod("chat-0", busybox_image, labels={DEPLOYMENT_LABEL: "chat"}))["visible"]
+    uid = core.read_namespaced_pod("chat-0", namespace).metadata.uid
     log = tmp_path / "exporter.log"
-    with annotating_exporter(emulated_plugin, node_kubeconfig, log):
-        annotated = wait(lambda: (core.read_namespaced_pod("chat-0", namespace).metadata.annotations or {}).get(
-            GPU_UUIDS_ANNOTATION), 60, "the exporter to annotate the engine pod")
-    assert annotated == visible, log.read_text()[-2000:]
+
+    def published():
+        try:
+            return gpus_by_pod_uid([core.read_namespaced_config_map(config_map_name("localhost"), namespace).to_dict()])
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    with publishing_exporter(emulated_plugin, node_kubeconfig, log, namespace):
+        found = wait(published, 60, "the exporter to publish the engine pod's GPU")
+    assert found == {uid: (visible,)}, log.read_text()[-2000:]
+    assert not (core.read_namespaced_pod("chat-0", namespace).metadata.annotations or {})  # no pod is written

@@ -1,13 +1,13 @@
 """One physical GPU per pack, verified end to end on the real kubelet: the emulated device plugin gives the
 replicas their slots, the exporter reads from the kubelet's PodResources API which GPU each replica got and
-annotates it, and the operator reports the pack split when the plugin spread it over two GPUs."""
+publishes it in a ConfigMap, and the operator reports the pack split when the plugin spread it over two GPUs."""
 
 import pytest
 from kopf.testing import KopfRunner
 
 from tests.fixtures.cluster import local_image
 from tests.fixtures.fake_engine import ENGINE_CPU, fake_engine_spec
-from tests.fixtures.gpu_node import annotating_exporter
+from tests.fixtures.gpu_node import publishing_exporter
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
     Cluster,
     cluster,
@@ -25,10 +25,12 @@ def k(cluster, namespace):  # noqa: F811
 
 
 @pytest.fixture
-def exporter_log(emulated_plugin, node_kubeconfig, tmp_path):
-    """The exporter process annotating engine pods while the test runs; its log."""
+def exporter_log(emulated_plugin, node_kubeconfig, tmp_path, namespace, monkeypatch):
+    """The exporter process publishing the engine pods' GPUs while the test runs, in the test's namespace
+    (standing for the release's), where the operator reads them; its log."""
+    monkeypatch.setenv("SLMPACK_GPU_ASSIGNMENTS_NAMESPACE", namespace)
     log = tmp_path / "exporter.log"
-    with annotating_exporter(emulated_plugin, node_kubeconfig, log):
+    with publishing_exporter(emulated_plugin, node_kubeconfig, log, namespace):
         yield log
 
 

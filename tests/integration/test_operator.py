@@ -74,8 +74,10 @@ def schema_of(crd: dict) -> dict:
 
 
 def has_fields(installed: dict, wanted: dict) -> bool:
-    """Whether the installed schema declares every field of the wanted one."""
+    """Whether the installed schema declares every field of the wanted one, and every value of its enums."""
     mine, theirs = wanted.get("properties") or {}, installed.get("properties") or {}
+    if not set(wanted.get("enum") or ()) <= set(installed.get("enum") or wanted.get("enum") or ()):
+        return False
     if "items" in wanted:
         return has_fields(installed.get("items") or {}, wanted["items"])
     return all(name in theirs and has_fields(theirs[name], sub) for name, sub in mine.items())
@@ -165,7 +167,7 @@ def test_auto_profiles_once_then_packs_replicas_from_the_profile(k):
         assert wait(lambda: k.status("chat").get("phase") == "Profiling", what="phase Profiling")
         k.write_profile(profile)
         sts = wait(lambda: k.statefulset("chat"), what="the StatefulSet")
-        assert sts.spec.replicas == 2 and sts.spec.pod_management_policy == "OrderedReady"
+        assert sts.spec.replicas == 2 and sts.spec.pod_management_policy == "Parallel"  # CPU
         assert engine_args(sts)[engine_args(sts).index("--max-num-seqs") + 1] == "16"
         assert k.core.read_namespaced_service("chat", k.ns).spec.ports[0].port == 8000
         status = wait(lambda: k.status("chat").get("plan") and k.status("chat"), what="a plan in status")
@@ -273,8 +275,10 @@ def test_bad_specs_are_rejected_at_apply(k, spec, field):
     assert error.value.status == 422 and field in error.value.body
 
 
-# What CEL rules refuse at apply from Kubernetes 1.25; this 1.20 apiserver ignores them, so the operator must.
+# What CEL rules refuse at apply from Kubernetes 1.25 (this 1.20 apiserver ignores them, so the operator must),
+# and what only the operator can judge: a node directory the cluster admin does not allow (none here).
 BAD_AT_RECONCILE = [
+    ({"model": {"name": "/models/m", "volume": {"hostPath": "/etc"}}}, "spec.model.volume.hostPath (/etc) is not"),
     ({"profiling": {"minBatchSize": 64, "maxBatchSize": 8}}, "spec.profiling.minBatchSize"),
     ({"gpu": {"nodeSelector": {"bad key!": "x"}}}, "spec.gpu.nodeSelector"),
     ({"model": {"name": "/data/m", "volume": {"hostPath": "/srv/m"}}}, "spec.model.name must be a path under"),
@@ -300,6 +304,17 @@ def test_bad_specs_are_marked_invalid_with_an_event_and_create_nothing(k):
     assert runner.exception is None, runner.output
 
 
+def test_an_allowed_model_directory_over_the_engine_cache_stops_the_operator_at_start(k, monkeypatch):
+    # Engines write the cache, symlinks included: a model volume there could lead anywhere on the node.
+    monkeypatch.setenv("SLMPACK_MODEL_HOST_PATH_PREFIXES", "/var/lib/slmpack")
+    monkeypatch.setenv("SLMPACK_ENGINE_CACHE_HOST_PATH", "/var/lib/slmpack/engine-cache")
+    runner = KopfRunner(operator(k.ns), reraise=False)
+    with runner:
+        wait(runner.future.done, 60, "the operator to stop")
+    assert runner.exit_code != 0
+    assert "overlaps the engine cache" in str(runner.exception.__cause__), runner.output
+
+
 def test_a_name_at_the_limit_gets_its_statefulset_service_and_pods(k):
     name = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters, the longest legal name
     with KopfRunner(operator(k.ns)) as runner:
@@ -307,7 +322,8 @@ def test_a_name_at_the_limit_gets_its_statefulset_service_and_pods(k):
         status = wait(lambda: k.status(name).get("endpoint") and k.status(name), 60, "the endpoint in status")
         child = status["endpoint"].split("//")[1].split(".")[0]
         assert len(child) <= 52 and k.statefulset(child).spec.service_name == child
-        pod = wait(lambda: k.core.list_namespaced_pod(k.ns).items, 60, "the replica pod")[0]
+        pod = wait(lambda: k.core.list_namespaced_pod(
+            k.ns, label_selector="app.kubernetes.io/name=slmpack-engine").items, 60, "the replica pod")[0]
         assert pod.metadata.name == f"{child}-0"
         assert len(pod.metadata.labels["controller-revision-hash"]) <= 63
         wait(lambda: k.status(name).get("readyReplicas") == 0, 30, "its replica followed in status")

@@ -89,9 +89,8 @@ def test_kubectl_scale_sets_the_packs_and_the_operator_converges(k, node_kubecon
         assert all(p["node"] and p["replicas"] == 1 for p in status["packs"])
         # The Service selects every pack's pods; HPA and KEDA find them through the scale subresource.
         service = k.core.read_namespaced_service("chat", k.ns)
-        pods = wait(lambda: len(k.core.list_namespaced_pod(k.ns).items) == 3 and k.core.list_namespaced_pod(k.ns),
-                    60, "one replica per pack")
-        assert all(service.spec.selector.items() <= p.metadata.labels.items() for p in pods.items)
+        pods = wait(lambda: len(engine_pods(k)) == 3 and engine_pods(k), 60, "one replica per pack")
+        assert all(service.spec.selector.items() <= p.metadata.labels.items() for p in pods)
         scale = k.custom.get_namespaced_custom_object_scale("slmpack.dev", "v1alpha1", k.ns, "slmdeployments", "chat")
         assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
         selected = k.core.list_namespaced_pod(k.ns, label_selector=scale["status"]["selector"]).items
@@ -114,6 +113,11 @@ def test_kubectl_explain_names_packs_as_the_unit_of_scale(scalable, node_kubecon
 
     assert "The unit of the scale subresource" in wait(lambda: "unit of" in explained() and explained(), 60,
                                                        "kubectl explain to show spec.packs")
+
+
+def engine_pods(k) -> list:
+    """The engine pods of the namespace: the deployment's router pods run beside them."""
+    return k.core.list_namespaced_pod(k.ns, label_selector="app.kubernetes.io/name=slmpack-engine").items
 
 
 def decisions(direction: str, reason: str) -> float:
@@ -147,7 +151,7 @@ def test_the_autoscaler_fills_a_pack_then_takes_another_and_drains_on_scale_in(k
         (fake_engines / "load").write_text("0")
         wait(lambda: pack_sets(k) == ["auto"], 180, "the second pack removed after the load falls")
         wait(lambda: k.statefulset("auto").spec.replicas == 1, 60, "one replica left")
-        wait(lambda: len(k.core.list_namespaced_pod(k.ns).items) == 1, 120, "the leaving replicas gone")
+        wait(lambda: len(engine_pods(k)) == 1, 120, "the leaving replicas gone")
         traffic.stop.set()
         traffic.join(70)
         assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.ok + len(traffic.failures)}"
@@ -160,3 +164,30 @@ def test_the_autoscaler_fills_a_pack_then_takes_another_and_drains_on_scale_in(k
         assert "AllPacksAtKnee" in " ".join(e.message for e in events if e.reason == "ScaledUp")
         assert decisions("down", "BelowTarget") > below_target, "the scale-in counted by reason"
     assert runner.exception is None, runner.output
+
+
+def test_an_engine_reporting_nan_is_a_condition_and_the_autoscaler_holds(k, fake_engines):
+    local_image(ENGINE_CPU)
+    ready_profile(k, "knee-8", knee=8)
+    body = deployment("nan", replicas="auto", **fake_engine_spec(fake_engines), profiling={"profileRef": "knee-8"},
+                      autoscaling={"maxPacks": 2, "periodSeconds": 5, "scaleInCooldownSeconds": 0})
+
+    def metrics_available():
+        return next((c for c in k.status("nan").get("conditions", []) if c["type"] == "MetricsAvailable"), {})
+
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(body)
+        wait(lambda: k.status("nan").get("readyReplicas") == 1, 180, "the first replica ready")
+        wait(lambda: metrics_available().get("status") == "True", 60, "the engine's load read")
+        (fake_engines / "load").write_text("NaN")
+        wait(lambda: metrics_available().get("reason") == "NonFiniteMetric", 60, "the NaN reported")
+        condition = metrics_available()
+        assert condition["status"] == "False" and "vllm:num_requests_running is nan" in condition["message"]
+        assert k.status("nan")["autoscaling"]["reason"] == "MetricsUnavailable"
+        assert k.statefulset("nan").spec.replicas == 1, "no scaling on a NaN"
+        warnings = [e for e in k.core.list_namespaced_event(k.ns).items if e.reason == "NonFiniteMetric"]
+        assert warnings and warnings[0].type == "Warning"
+        (fake_engines / "load").write_text("0")
+        wait(lambda: metrics_available().get("status") == "True", 60, "the engine read again")
+    assert runner.exception is None, runner.output
+    assert "Traceback" not in runner.output

@@ -74,6 +74,8 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     # One replica was measured on the sweep's warm engine: one start for the sweep, one for the pair.
     assert len(report["sweep"]["engineStartSeconds"]) == 2
     assert len({r["offeredConcurrency"] for r in replication}) == 1
+    # Every run of every count is the same length: three windows of the offered load.
+    assert {r["requestsPerRun"] for r in replication} == {3 * replication[0]["offeredConcurrency"]}
     assert all(len(r["runsTokensPerS"]) >= 3 and r["throughputSpread"]["ciLow"] <= r["aggregateThroughputTokensPerS"]
                for r in replication)
     decision = report["decision"]

@@ -84,8 +84,18 @@ def query(url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def scraped(url: str, job: str, seconds: float = 60) -> None:
+    """Prometheus applies new targets at most every 5 s, so a ready server may not have scraped yet."""
+    deadline = time.monotonic() + seconds
+    while not query(url, f'up{{job="{job}"}} == 1'):
+        assert time.monotonic() < deadline, f"Prometheus never scraped {job}"
+        time.sleep(0.5)
+
+
 def test_energy_per_token_evaluates_to_a_finite_figure(prometheus, vllm_cpu_server):
-    # Traffic across a few scrapes, so that generated tokens grow inside the rate window.
+    # Traffic only after the engine's first scrape, across a few more, so that generated tokens grow
+    # inside the rate window: traffic that ends before the first scrape leaves the counter flat.
+    scraped(prometheus, "slmpack-engine")
     for _ in range(3):
         results, _ = asyncio.run(closed_loop([vllm_cpu_server], concurrency=4, requests=8,
                                              workload=Workload(input_tokens=16, output_tokens=16)))

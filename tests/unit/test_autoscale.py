@@ -58,3 +58,29 @@ def test_the_message_carries_the_numbers_behind_the_decision():
     assert "120 requests" in decision.message and "30.0 per replica" in decision.message
     assert "target 25.6 (80% of knee batch 32)" in decision.message and "400 tokens/s" in decision.message
     assert "pack 2 takes another GPU" in decision.message
+
+
+def test_requests_queued_at_the_router_count_as_load_the_capped_engines_do_not_show():
+    from datetime import UTC, datetime
+
+    from slmpack.api.models import AutoscalingSpec
+    from slmpack.core.autoscale import EngineLoad, decide_scale
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    policy = AutoscalingSpec(min_packs=1, max_packs=2, target_knee_percent=100)
+    # Two replicas held at their knee of 8 by the router: 16 running, nothing waiting in the engines, on target.
+    capped = [EngineLoad("chat-0", 8, 0), EngineLoad("chat-1", 8, 0)]
+    held = decide_scale(policy, 2, 4, 8, ["chat"], capped, 2, None, now)
+    assert held.replicas == 2
+    # The same engines with 10 requests queued at the router: the demand is 26, so more replicas.
+    queued = decide_scale(policy, 2, 4, 8, ["chat"], capped, 2, None, now, queued=10)
+    assert queued.replicas == 4 and "10 of them queued at the router" in queued.message
+
+
+def test_the_router_queue_is_read_from_haproxys_exporter():
+    from slmpack.adapters.engine_metrics import parse
+
+    text = ('# HELP haproxy_backend_current_queue Number of queued requests.\n'
+            '# TYPE haproxy_backend_current_queue gauge\n'
+            'haproxy_backend_current_queue{proxy="engines"} 7\n')
+    assert parse(text).waiting == 7

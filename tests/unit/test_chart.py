@@ -3,6 +3,7 @@
 import ast
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def helm() -> Path:
     return HELM
 
 
-def render(helm, *sets) -> list[dict]:
+def render(helm, *sets, values: Path | None = None) -> list[dict]:
     args = [str(helm), "template", "demo", str(CHART), "--namespace", "slmpack-system"]
+    if values is not None:
+        args += ["--values", str(values)]
     for s in sets:
         args += ["--set", s]
     done = subprocess.run(args, capture_output=True, text=True)
@@ -39,7 +42,9 @@ def test_defaults_render_only_what_kubernetes_1_20_serves(helm):
     kinds = {(d["apiVersion"], d["kind"]) for d in render(helm)}
     assert kinds == {("v1", "ServiceAccount"), ("v1", "Service"), ("apps/v1", "Deployment"),
                      ("apps/v1", "DaemonSet"), ("rbac.authorization.k8s.io/v1", "ClusterRole"),
-                     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")}
+                     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+                     # the leader election's Lease, in the operator's namespace
+                     ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
 
 
 def test_operator_runs_one_replica_non_root_read_only_under_seccomp(helm):
@@ -55,29 +60,84 @@ def test_operator_runs_one_replica_non_root_read_only_under_seccomp(helm):
     assert container["image"] == "slmpack/operator:0.1.0"
 
 
+def test_a_starved_operator_is_given_time_rather_than_killed(helm):
+    # Seen on the test bed: two CPU engines under load left the operator (50m of CPU asked) so little that
+    # it answered /healthz in more than a second and took over a minute to start; the old liveness probe
+    # killed it every time, and it never reconciled again while the load lasted.
+    operator = next(d for d in render(helm) if d["kind"] == "Deployment")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    start, live = container["startupProbe"], container["livenessProbe"]
+    assert start["periodSeconds"] * start["failureThreshold"] >= 300
+    assert live["timeoutSeconds"] >= 5 and live["periodSeconds"] * live["failureThreshold"] >= 120
+    assert container["readinessProbe"]["timeoutSeconds"] >= 5
+
+
 def test_rbac_is_least_privilege(helm):
     roles = {d["metadata"]["name"]: d["rules"] for d in render(helm) if d["kind"] in ("ClusterRole", "Role")}
     for name, rules in roles.items():
         for rule in rules:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], name
             assert not {"deletecollection", "escalate", "impersonate"} & set(rule["verbs"]), name
-    # What the operator deletes: a pack's StatefulSet once the pack is no longer wanted, and a DRA pack's old
-    # ResourceClaim once no pod uses it.
+    # What the operator deletes: a pack's StatefulSet once the pack is no longer wanted, a DRA pack's old
+    # ResourceClaim once no pod uses it, the engines' NetworkPolicy once spec.networkPolicy is unset, and the
+    # router Deployment once spec.routing leaves router mode.
     deletes = [r for rules in roles.values() for r in rules if "delete" in r["verbs"]]
     assert sorted((r["apiGroups"], r["resources"]) for r in deletes) == [
-        (["apps"], ["statefulsets"]), (["resource.k8s.io"], ["resourceclaims"])]
+        (["apps"], ["deployments"]), (["apps"], ["statefulsets"]), (["networking.k8s.io"], ["networkpolicies"]),
+        (["resource.k8s.io"], ["resourceclaims"])]
     assert roles["demo-slmpack-profiler"] == [{"apiGroups": ["slmpack.dev"], "resources": ["slmprofiles/status"],
                                                "verbs": ["get", "patch"]}]
     binds = [r for rules in roles.values() for r in rules if "bind" in r["verbs"]]
     assert binds == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
-                      "resourceNames": ["demo-slmpack-profiler"]}]
+                      "resourceNames": ["demo-slmpack-profiler", "demo-slmpack-router"]}]
+    # A router's agent reads the Endpoints of its namespace, where the operator binds it, and nothing else.
+    assert roles["demo-slmpack-router"] == [{"apiGroups": [""], "resources": ["endpoints"],
+                                             "verbs": ["get", "list", "watch"]}]
     secrets = [r for rules in roles.values() for r in rules if "secrets" in r["resources"]]
     assert secrets == []
+    # No one writes pods: the exporter runs as root on nodes that run tenants' images.
+    pod_writes = [r for rules in roles.values() for r in rules if "pods" in r["resources"]
+                  and set(r["verbs"]) - {"get", "list", "watch"}]
+    assert pod_writes == []
+
+
+def test_the_exporter_lists_pods_and_writes_configmaps_of_its_namespace_only(helm):
+    docs = render(helm)
+    exporter = "demo-slmpack-exporter"
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == exporter)
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == exporter]
+    assert role["metadata"]["namespace"] == "slmpack-system"
+    assert granted(role["rules"]) == exporter_calls()["configmaps"]
+    assert granted(cluster_role["rules"]) == exporter_calls()["pods"]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == exporter)
+    assert binding["roleRef"]["name"] == exporter and binding["subjects"][0]["name"] == exporter
+    # It publishes in the namespace where the operator reads.
+    daemon = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--gpu-assignments-namespace=slmpack-system" in daemon["args"]
+    assert {"name": "SLMPACK_GPU_ASSIGNMENTS_NAMESPACE", "value": "slmpack-system"} in operator["env"]
+
+
+def exporter_calls() -> dict[str, set[tuple[str, str, str]]]:
+    """The exporter's API calls, from its code: `...api.<verb>_<scope>_<resource>(...)`, by resource."""
+    calls: dict[str, set] = {}
+    for path in (OPERATOR / "exporter").glob("*.py"):
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "api"
+                    or isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "api"):
+                match = re.fullmatch(r"(list|read|create|patch|replace|delete)_(?:namespaced_)?(\w+?)"
+                                     r"(?:_for_all_namespaces)?", node.func.attr)
+                assert match, f"{path.name} calls api.{node.func.attr}, which this test cannot read"
+                resource = match[2].replace("_", "") + "s"
+                calls.setdefault(resource, set()).add(("", resource, CLIENT_VERBS[match[1]]))
+    return calls
 
 
 def test_namespace_scope_makes_roles_in_each_watched_namespace(helm):
     docs = render(helm, "rbac.scope=namespaces", "rbac.watchNamespaces={team-a,team-b}")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "demo-slmpack-operator"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     operator = next(d for d in docs if d["kind"] == "Deployment")
     args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -90,7 +150,31 @@ def test_cpu_dev_mode_serves_a_fake_gpu_without_the_nvidia_runtime(helm):
     assert "runtimeClassName" not in pod and "nodeSelector" not in pod and "hostPID" not in pod
     assert "--fake-devices=1:2" in pod["containers"][0]["args"]
     gpu = next(d for d in render(helm) if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
-    assert gpu["hostPID"] is True and gpu["runtimeClassName"] == "nvidia"
+    assert gpu["hostPID"] is True and "runtimeClassName" not in gpu
+
+
+def exporter_pod(helm, *sets) -> dict:
+    return next(d for d in render(helm, *sets) if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+
+
+def test_the_exporter_runs_on_nodes_gpu_feature_discovery_labels_without_the_gpu_operator(helm):
+    pod = exporter_pod(helm)
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    # nvidia.com/gpu.count is GFD's, with a plain device plugin too; gpu.present is the GPU Operator's alone.
+    assert terms == [{"matchExpressions": [{"key": "nvidia.com/gpu.count", "operator": "Exists"}]}]
+    assert "nodeSelector" not in pod and "runtimeClassName" not in pod
+    chosen = exporter_pod(helm, "exporter.gpuNodeLabel=", "exporter.nodeSelector.gpu=yes",
+                          "exporter.runtimeClassName=nvidia")
+    assert "affinity" not in chosen and chosen["nodeSelector"] == {"gpu": "yes"}
+    assert chosen["runtimeClassName"] == "nvidia"
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    assert exporter_pod(helm, "exporter.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution."
+                              "nodeSelectorTerms[0].matchExpressions[0].key=pool",
+                        "exporter.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution."
+                        "nodeSelectorTerms[0].matchExpressions[0].operator=In",
+                        "exporter.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution."
+                        "nodeSelectorTerms[0].matchExpressions[0].values={gpu}")["affinity"] == own
 
 
 @pytest.mark.parametrize("dev", [False, True], ids=["gpu", "cpu-dev"])
@@ -100,7 +184,8 @@ def test_the_exporter_hands_the_node_engine_cache_to_the_engines_uid(helm, dev):
                    if d["kind"] == "DaemonSet"]
     pod = exporter["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
-    assert init["command"][-1] == "chmod 0750 /cache && chown 10001:10001 /cache"
+    # Root's, the engines' group, setgid: the namespaces' directories the kubelet creates below inherit the group.
+    assert init["command"][-1] == "chmod 2770 /cache && chown 0:10001 /cache"
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
     assert {"name": "engine-cache", "hostPath": {"path": "/var/lib/slmpack/engine-cache",
                                                  "type": "DirectoryOrCreate"}} in pod["volumes"]
@@ -109,10 +194,76 @@ def test_the_exporter_hands_the_node_engine_cache_to_the_engines_uid(helm, dev):
     assert "initContainers" not in plain
 
 
+def operator_env(docs: list[dict]) -> dict[str, str]:
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    return {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_operator_gets_the_default_engine_uid(helm):
+    assert operator_env(render(helm))["SLMPACK_ENGINE_UID"] == "10001"
+
+
+# From a values file too: Helm reads its numbers as floats, and a float of a million or more prints as 2e+06.
+@pytest.mark.parametrize("uid", ["1000", "2000000"])
+@pytest.mark.parametrize("given_by", ["set", "values file"])
+def test_the_engine_uid_reaches_the_operator_and_the_engine_cache_group(helm, tmp_path, uid, given_by):
+    cache = "exporter.engineCacheHostPath=/var/lib/slmpack/engine-cache"
+    if given_by == "set":
+        docs = render(helm, f"engine.uid={uid}", cache)
+    else:
+        (tmp_path / "values.yaml").write_text(f"engine: {{uid: {uid}}}\n")
+        docs = render(helm, cache, values=tmp_path / "values.yaml")
+    assert operator_env(docs)["SLMPACK_ENGINE_UID"] == uid
+    (init,) = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"][-1] == f"chmod 2770 /cache && chown 0:{uid} /cache"
+
+
+def install_notes(helm, tmp_path: Path, *sets) -> str:
+    """NOTES.txt as `helm install` prints it. `helm template` skips it and a client-only install still asks a
+    cluster, so a copy of the chart renders it through `tpl` as an ordinary template."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "notes.txt")
+    (chart / "templates" / "notes.yaml").write_text('notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    args = [str(helm), "template", "demo", str(chart), "--namespace", "slmpack-system",
+            "--show-only", "templates/notes.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)["notes"]
+
+
+def test_the_notes_warn_only_when_the_engine_uid_is_not_the_default(helm, tmp_path):
+    assert "engine.uid" not in install_notes(helm, tmp_path / "default")
+    notes = install_notes(helm, tmp_path / "set", "engine.uid=20000")
+    assert "run as UID and GID 20000 (engine.uid)" in notes
+    assert "An MPS server serves one UID at a time" in notes and "DRA claim" in notes
+    assert "kubectl delete pods -A -l app.kubernetes.io/name=slmpack-engine" in notes
+    assert "find" not in notes  # no node cache to empty
+    cached = install_notes(helm, tmp_path / "cached", "engine.uid=20000",
+                           "exporter.engineCacheHostPath=/var/lib/slmpack/engine-cache")
+    assert "find /var/lib/slmpack/engine-cache -mindepth 1 -delete" in cached
+
+
+def test_the_operator_allows_only_the_host_paths_the_admin_lists(helm):
+    default = operator_env(render(helm))
+    assert default["SLMPACK_MODEL_HOST_PATH_PREFIXES"] == "" and default["SLMPACK_ENGINE_CACHE_HOST_PATH"] == ""
+    listed = operator_env(render(helm, "hostPaths.modelPrefixes={/data/models,/srv/weights}",
+                                 "exporter.engineCacheHostPath=/var/lib/slmpack/engine-cache"))
+    assert listed["SLMPACK_MODEL_HOST_PATH_PREFIXES"] == "/data/models:/srv/weights"
+    assert listed["SLMPACK_ENGINE_CACHE_HOST_PATH"] == "/var/lib/slmpack/engine-cache"
+
+
 @pytest.mark.parametrize("value, message", [
+    ("hostPaths.modelPrefixes={data/models}", "Does not match pattern '^(/[^/:]+)+$'"),
     ("operator.logLevel=LOUD", "operator.logLevel must be one of"),
     ("operatr.logLevel=INFO", "Additional property operatr is not allowed"),
     ("devMode.fakeDevices=two", "devMode.fakeDevices: Does not match pattern"),
+    ("exporter.gpuNodeLabel=not a label", "exporter.gpuNodeLabel: Does not match pattern"),
+    ("engine.uid=0", "engine.uid: Must be greater than or equal to 1"),
+    ("engine.uid=10001.5", "engine.uid: Invalid type. Expected: integer"),
+    ("engine.uid=2147483648", "engine.uid: Must be less than or equal to"),
 ])
 def test_a_wrong_value_fails_at_install_with_a_clear_message(helm, value, message):
     done = subprocess.run([str(helm), "template", "demo", str(CHART), "--set", value], capture_output=True, text=True)
@@ -127,6 +278,22 @@ def test_switches_add_monitoring_objects_from_the_shipped_files(helm):
     assert rule["spec"]["groups"] == shipped["groups"]
     assert any(d["kind"] == "ConfigMap" and "slmpack-dashboard.json" in d["data"] for d in docs)
     assert {d["kind"] for d in docs} >= {"PodMonitor", "ServiceMonitor"}
+
+
+def test_the_dashboard_shows_the_router_queue_the_autoscaler_reads_under_the_monitors_label(helm):
+    from slmpack.adapters.engine_metrics import ROUTER_QUEUE
+    from slmpack.core.router import ROUTER_LABEL
+
+    dashboard = json.loads((ROOT / "deploy/grafana/slmpack-dashboard.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert any(ROUTER_QUEUE in q and "slmdeployment" in q for q in queries), queries
+    # The router pods' own label becomes `slmdeployment`, as the embedded Prometheus relabels it.
+    docs = render(helm, "monitoring.podMonitor.enabled=true")
+    routers = next(d for d in docs if d["kind"] == "PodMonitor"
+                   and d["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "slmpack-router"})
+    source = "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in ROUTER_LABEL)
+    assert {"sourceLabels": [source], "targetLabel": "slmdeployment"} in \
+        routers["spec"]["podMetricsEndpoints"][0]["relabelings"]
 
 
 MONITORING_SCHEMAS = Path.home() / ".cache/slmpack/prometheus-operator-models"
@@ -195,10 +362,11 @@ def test_values_name_dockerfiles_and_stages_that_exist():
 # must grant exactly those.
 
 OPERATOR = ROOT / "operator" / "slmpack"
-CONTROLLER = [OPERATOR / "controller" / name for name in ("handlers.py", "leader.py")]
+CONTROLLER = [OPERATOR / "controller" / name for name in ("handlers.py", "leader.py", "gpu_assignments.py")]
 CLIENT_VERBS = {"list": "list", "read": "get", "get": "get", "create": "create", "patch": "patch", "replace": "update",
                 "delete": "delete"}
-CLIENT_GROUPS = {"core": "", "batch": "batch", "apps": "apps", "coordination": "coordination.k8s.io"}
+CLIENT_GROUPS = {"core": "", "batch": "batch", "apps": "apps", "coordination": "coordination.k8s.io",
+                 "networking": "networking.k8s.io"}
 DRA_GROUP = "resource.k8s.io"
 
 
@@ -220,21 +388,42 @@ def _kube_method_calls(method: ast.FunctionDef, plurals: set[str]) -> set[tuple[
     for node in ast.walk(method):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
-        target = node.func.value
-        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
-                and target.attr in {*CLIENT_GROUPS, "custom"}):
+        if node.func.attr == "stream":  # watch.Watch().stream(self.core.list_..., ...) watches
+            listed = node.args[0]
+            assert isinstance(listed, ast.Attribute) and listed.attr.startswith("list_namespaced_"), \
+                f"Kube.{method.name} watches something this test cannot read"
+            found.add((CLIENT_GROUPS[listed.value.attr], listed.attr.removeprefix("list_namespaced_").replace(
+                "_", "") + "s", "watch"))
             continue
-        match = re.fullmatch(r"(list|read|get|create|patch|replace|delete)_(?:namespaced_|cluster_)?(\w+?)(_status)?",
-                             node.func.attr)
-        assert match, f"Kube.{method.name} calls {target.attr}.{node.func.attr}, which this test cannot read"
-        verb, resource, status = CLIENT_VERBS[match[1]], match[2], "/status" if match[3] else ""
-        if target.attr == "custom":
-            plural = next(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
-                          and a.value.endswith("s"))
-            found.add(("slmpack.dev" if plural in plurals else DRA_GROUP, plural + status, verb))
-        else:
-            # delete_namespaced_stateful_set acts on statefulsets
-            found.add((CLIENT_GROUPS[target.attr], resource.replace("_", "") + "s" + status, verb))
+        found |= _client_use(method, node.func, node.args, plurals)
+    # A client method handed on uncalled (delete_as_read(self.apps.delete_namespaced_deployment, ...)) is used too.
+    for node in ast.walk(method):
+        if isinstance(node, ast.Call):
+            for argument in node.args:
+                if isinstance(argument, ast.Attribute):
+                    found |= _client_use(method, argument, [], plurals)
+    return found
+
+
+def _client_use(method: ast.FunctionDef, function: ast.Attribute, args: list, plurals: set[str]) -> set:
+    """(group, resource, verb) of `self.<client>.<verb>_...`, called with `args` or handed on; empty otherwise."""
+    found = set()
+    target = function.value
+    if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
+            and target.attr in {*CLIENT_GROUPS, "custom"}):
+        return found
+    match = re.fullmatch(r"(list|read|get|create|patch|replace|delete)_(?:namespaced_|cluster_)?(\w+?)(_status)?",
+                         function.attr)
+    assert match, f"Kube.{method.name} calls {target.attr}.{function.attr}, which this test cannot read"
+    verb, resource, status = CLIENT_VERBS[match[1]], match[2], "/status" if match[3] else ""
+    if target.attr == "custom":
+        plural = next(a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                      and a.value.endswith("s"))
+        found.add(("slmpack.dev" if plural in plurals else DRA_GROUP, plural + status, verb))
+    else:
+        # delete_namespaced_stateful_set acts on statefulsets
+        plural = re.sub(r"y$", "ie", resource.replace("_", "")) + "s"  # network_policy: networkpolicies
+        found.add((CLIENT_GROUPS[target.attr], plural + status, verb))
     return found
 
 
@@ -243,11 +432,22 @@ def _built_kinds() -> dict[str, set[tuple[str, str]]]:
     import slmpack.core.manifests as manifests
 
     kinds = {}
-    for module in ("manifests", "dra"):
-        for function in _tree(OPERATOR / "core" / f"{module}.py").body:
+    for module in ("manifests", "dra", "router"):
+        tree = _tree(OPERATOR / "core" / f"{module}.py")
+        constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+        for function in tree.body:
             if not (isinstance(function, ast.FunctionDef) and function.name.startswith("build_")):
                 continue
             kinds[function.name] = set()
+            # An apiVersion given as a parameter is written in its default's group (policy/v1 or v1beta1 alike): a
+            # string default, or a module constant of manifests.
+            args = function.args
+            given = args.args[len(args.args) - len(args.defaults):]
+            defaults = {a.arg: d.value for a, d in zip(given, args.defaults, strict=True)
+                        if isinstance(d, ast.Constant)}
+            defaults |= {a.arg: getattr(manifests, d.id) for a, d in zip(given, args.defaults, strict=True)
+                         if isinstance(d, ast.Name) and isinstance(getattr(manifests, d.id, None), str)}
             for node in ast.walk(function):
                 if isinstance(node, ast.Dict):
                     keys = {k.value: v for k, v in zip(node.keys, node.values, strict=True)
@@ -258,9 +458,17 @@ def _built_kinds() -> dict[str, set[tuple[str, str]]]:
                             group = version.value.rpartition("/")[0]
                         elif hasattr(manifests, version.id):
                             group = getattr(manifests, version.id).rpartition("/")[0]
+                        elif version.id in constants or version.id in defaults:
+                            group = {**constants, **defaults}[version.id].rpartition("/")[0]
                         else:  # DRA objects are written in the newest version the cluster serves
                             group = DRA_GROUP
                         kinds[function.name].add((group, keys["kind"].value))
+        # A builder that hands its object to another builder of the module builds that one's kinds.
+        builders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name in kinds}
+        for name, function in builders.items():
+            kinds[name] |= {kind for node in ast.walk(function) if isinstance(node, ast.Call)
+                            and isinstance(node.func, ast.Name) and node.func.id in builders
+                            and node.func.id != name for kind in kinds[node.func.id]}
     return kinds
 
 
@@ -276,14 +484,21 @@ def _decision_writes(function: ast.FunctionDef):
             yield node.target.attr, node.value
 
 
-def _resolve_builders(function: ast.FunctionDef, expr: ast.AST, seen=frozenset()) -> set[str]:
-    """The build_* functions whose results flow into `expr` inside `function`."""
+def _resolve_builders(function: ast.FunctionDef, expr: ast.AST, seen=frozenset(), methods=None) -> set[str]:
+    """The build_* functions whose results flow into `expr` inside `function`, through the values of `self.m()`
+    for the `methods` (name -> FunctionDef) it calls."""
+    methods = methods or {}
     names = {n.func.id for n in ast.walk(expr) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id.startswith("build_")}
+    for call in (n for n in ast.walk(expr) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and isinstance(n.func.value, ast.Name) and n.func.value.id == "self" and n.func.attr in methods):
+        method = methods[call.func.attr]
+        for returned in (n.value for n in ast.walk(method) if isinstance(n, ast.Return) and n.value is not None):
+            names |= _resolve_builders(method, returned, frozenset(), {})
     for variable in {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} - seen:
         for node in ast.walk(function):
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
-                names |= _resolve_builders(function, node.value, seen | {variable})
+                names |= _resolve_builders(function, node.value, seen | {variable}, methods)
     return names
 
 
@@ -294,6 +509,7 @@ def operator_calls() -> set[tuple[str, str, str]]:
     controller = [_tree(path) for path in CONTROLLER]
     decision = [_tree(OPERATOR / "core" / name) for name in ("decide.py", "dra.py")]
     built = _built_kinds()
+    methods = {f.name: f for tree in decision for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
     used = {node.attr for tree in controller for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and node.attr in kube_methods
             and (isinstance(node.value, ast.Attribute) and node.value.attr == "kube"
@@ -308,9 +524,10 @@ def operator_calls() -> set[tuple[str, str, str]]:
         for function in (f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)):
             for target, expr in _decision_writes(function):
                 verbs = {"create"} if target == "create" else {"create", "patch"}
-                for builder in _resolve_builders(function, expr):
+                for builder in _resolve_builders(function, expr, methods=methods):
                     for group, kind in built[builder]:
-                        calls |= {(group, kind.lower() + "s", verb) for verb in verbs}
+                        plural = re.sub(r"y$", "ie", kind.lower()) + "s"  # NetworkPolicy: networkpolicies
+                        calls |= {(group, plural, verb) for verb in verbs}
     if ("rbac.authorization.k8s.io", "rolebindings", "create") in calls:
         # to a ClusterRole the operator does not itself hold
         calls.add(("rbac.authorization.k8s.io", "clusterroles", "bind"))
@@ -336,8 +553,7 @@ def granted(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_operator_rbac_grants_exactly_the_calls_the_operator_makes(helm):
-    # Two replicas, so the leader election's Lease rules are rendered too.
-    docs = render(helm, "operator.replicas=2")
+    docs = render(helm)
     operator_sa = "demo-slmpack-operator"
     bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs if b["kind"] in ("ClusterRoleBinding",
                                                                                          "RoleBinding")
@@ -351,7 +567,7 @@ def test_operator_rbac_grants_exactly_the_calls_the_operator_makes(helm):
 
 def test_namespace_scope_grants_the_same_namespaced_rules(helm):
     docs = render(helm, "rbac.scope=namespaces", "rbac.watchNamespaces={team-a}")
-    role = next(d for d in docs if d["kind"] == "Role")
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "team-a")
     cluster = next(d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] ==
                    "demo-slmpack-operator")
     assert granted(role["rules"]) == granted(cluster["rules"])
@@ -405,7 +621,7 @@ def test_release_prometheus_discovers_by_annotations_with_list_only_rbac(helm):
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and "prometheus" in d["metadata"]["name"])
     config = yaml.safe_load(config_map["data"]["prometheus.yml"])
-    assert {job["job_name"] for job in config["scrape_configs"]} == {"slmpack", "slmpack-engines"}
+    assert {job["job_name"] for job in config["scrape_configs"]} == {"slmpack", "slmpack-engines", "slmpack-routers"}
     assert all("static_configs" not in job for job in config["scrape_configs"])
     shipped = yaml.safe_load((ROOT / "deploy/prometheus/slmpack-rules.yaml").read_text())
     assert yaml.safe_load(config_map["data"]["slmpack-rules.yaml"]) == shipped

@@ -54,6 +54,6 @@ def test_deployment_crd_names_columns_and_the_status_and_scale_subresources():
     assert columns == ["Model", "GPU", "Ready", "Planned", "Packs", "Knee", "Tok/s", "Phase", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["sharing"]["enum"] == ["mps", "time-slicing"]
-    assert spec["properties"]["placement"]["enum"] == ["device-plugin", "dra"]
+    assert spec["properties"]["placement"]["enum"] == ["device-plugin", "dra", "pack-pod"]
     assert spec["properties"]["replicas"]["x-kubernetes-int-or-string"] is True
     assert spec["properties"]["profiling"]["properties"]["efficiencyThresholdPercent"]["default"] == 20

@@ -90,7 +90,9 @@ def test_a_ready_profile_places_the_pack():
     profile["metadata"].update(namespace="team", uid="p-1")
     decision = decide(deployment(profiling={"profileRef": "smollm2-360m-h100"}), ClusterSnapshot((H100,), (profile,)),
                       NOW)
-    assert kinds(decision.apply) == ["Service", "StatefulSet"] and decision.create == []
+    assert kinds(decision.apply) == ["Service", "PodDisruptionBudget", "ServiceAccount", "RoleBinding", "Service",
+                                     "ConfigMap", "Deployment", "PodDisruptionBudget", "StatefulSet"]
+    assert decision.create == []
     assert condition(decision, "Placed").status == "True"
     assert decision.status.endpoint == "http://chat.team.svc:8000/v1"
     assert decision.profiling_seconds is None
@@ -130,6 +132,21 @@ def test_on_a_multi_gpu_node_one_gpu_is_not_claimed_until_every_replica_reports_
     assert (condition(one, "OneGPU").status, condition(one, "OneGPU").reason) == ("True", "OnOneGPU")
     assert [(r.name, r.gpu_uuids) for r in one.status.replica_gpus] == [("chat-0", ["GPU-a"]), ("chat-1", ["GPU-a"])]
     assert one.status.to_wire()["replicaGPUs"][0] == {"name": "chat-0", "node": "gpu-8", "gpuUUIDs": ["GPU-a"]}
+
+
+def test_one_gpu_is_judged_from_where_the_engines_run_not_only_from_the_slots_they_hold():
+    from dataclasses import replace
+
+    cluster = ClusterSnapshot((node("gpu-8", 8),))
+    # Both hold slots on GPU-a and their processes run there: one GPU, as the plugin's bookkeeping says.
+    there = (replace(pod("chat-0", "GPU-a"), running_gpu_uuids=("GPU-a",)),
+             replace(pod("chat-1", "GPU-a"), running_gpu_uuids=("GPU-a",)))
+    assert condition(decide(fixed(), replace(cluster, pods=there), NOW), "OneGPU").reason == "OnOneGPU"
+    # chat-1 holds a slot on GPU-b but, unpinned, runs on GPU-a: the slots alone would say "split".
+    astray = (there[0], replace(pod("chat-1", "GPU-b"), running_gpu_uuids=("GPU-a",)))
+    off = condition(decide(fixed(), replace(cluster, pods=astray), NOW), "OneGPU")
+    assert (off.status, off.reason) == ("False", "RunsOffItsGPU")
+    assert "chat-1 was given GPU-b but runs on GPU-a" in off.message and "slmpack engine" in off.message
 
 
 def test_a_split_pack_is_a_condition_with_a_reason_a_warning_event_and_the_fix():
@@ -180,3 +197,81 @@ def test_cpu_auto_dtype_follows_the_nodes_cpu_as_node_feature_discovery_labels_i
     assert profiled_dtype({f"{nfd}AMXBF16": "true"}) == "bfloat16"
     assert profiled_dtype({f"{nfd}AVX2": "true"}) == "float32"  # no native bfloat16: it hardly batches
     assert profiled_dtype({}) == "float32"  # without NFD, the safe choice
+
+
+def shared_profile() -> dict:
+    """The operator's own profile, measured without an SLO on a recorded H100 curve, its counts at its knee."""
+    from slmpack.api.models import ReplicationPoint, SLMProfileStatus
+    from slmpack.core import profile_status
+    from slmpack.core.knee import find_knee
+
+    from .curves import load_curve
+
+    points = load_curve("qwen2.5-0.5b-h100")
+    knee = find_knee(points)
+    runs = {1: [9000, 9100, 8900], 2: [12000, 12100, 11900]}
+    status = SLMProfileStatus(
+        points=points, knee=knee, conditions=profile_status.measured([], "measured", NOW),
+        replication=[ReplicationPoint(replicas=k, batch_size_per_replica=knee.batch_size,
+                                      offered_concurrency=2 * knee.batch_size, runs_tokens_per_s=r,
+                                      aggregate_throughput_tokens_per_s=sum(r) / 3, p99_itl_ms=30)
+                     for k, r in runs.items()])
+    status.phase = profile_status.derive_phase(status.conditions)
+    created = decide(deployment(), ClusterSnapshot((H100,)), NOW).create[0]
+    return {**created, "metadata": {**created["metadata"], "uid": "p-1"}, "status": status.to_wire()}
+
+
+def test_a_stricter_slo_extends_the_shared_profile_while_its_users_keep_it():
+    from slmpack.api.models import ProfilingSpec, SLMProfileStatus
+    from slmpack.core.replication import missing_measurements
+
+    profile = shared_profile()
+    relaxed = decide(deployment(), ClusterSnapshot((H100,), (profile,)), NOW)
+    assert "StatefulSet" in kinds(relaxed.apply)
+    knee = SLMProfileStatus.from_stored(profile["status"]).knee.batch_size
+    strict_slo = {"workload": {"inputTokens": 512, "outputTokens": 256}, "slo": {"p99ItlMs": 20}}
+    lacking = missing_measurements(SLMProfileStatus.from_stored(profile["status"]),
+                                   ProfilingSpec.model_validate(strict_slo))
+    assert lacking and ("batch" in lacking)
+    strict = decide(deployment(profiling=strict_slo), ClusterSnapshot((H100,), (profile,)), NOW)
+    job = strict.create[-1]
+    assert kinds(strict.create) == ["ServiceAccount", "RoleBinding", "Job"] and strict.apply == []
+    assert job["metadata"]["name"].startswith(f"profile-{profile['metadata']['name']}-for-")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--slo-p99-itl-ms") + 1] == "20"
+    extending = condition(strict, "ProfileReady")
+    assert extending.reason == "ProfileExtending" and "lacks" in extending.message
+    # One Job per policy: the next look finds it and creates nothing.
+    running = ProfilingJob(name=job["metadata"]["name"])
+    again = decide(with_status(deployment(profiling=strict_slo), strict.status),
+                   ClusterSnapshot((H100,), (profile,), (running,)), NOW)
+    assert again.create == []
+    # An extension that failed is said, and the deployment places from what the profile has.
+    failed = ProfilingJob(name=job["metadata"]["name"], failed=True, failure_message="BackoffLimitExceeded")
+    placed = decide(deployment(profiling=strict_slo), ClusterSnapshot((H100,), (profile,), (failed,)), NOW)
+    assert "StatefulSet" in kinds(placed.apply)
+    warning = condition(placed, "ProfileReady")
+    assert warning.reason == "ProfileExtensionFailed" and "BackoffLimitExceeded" in warning.message
+    assert placed.status.plan.knee_batch_size < knee
+
+
+def test_a_profile_with_a_knee_but_no_curve_is_taken_as_it_is():
+    from slmpack.api.models import ProfilingSpec, SLMProfileStatus
+    from slmpack.core.replication import missing_measurements
+
+    recorded = yaml.safe_load((DATA / "profiles" / "smollm2-360m-h100.yaml").read_text())["status"]
+    assert not recorded.get("points")
+    strict = ProfilingSpec.model_validate({"slo": {"p99ItlMs": 5}})
+    assert missing_measurements(SLMProfileStatus.from_stored(recorded), strict) is None
+
+
+def test_the_profilers_binding_is_named_for_the_release_role_so_a_reinstall_binds_anew():
+    profile = {**decide(deployment(), ClusterSnapshot((H100,)), NOW).create[0]}
+    profile["metadata"] = {**profile["metadata"], "uid": "p-1"}
+    bindings = {}
+    for role in ("old-slmpack-profiler", "new-slmpack-profiler"):
+        created = decide(deployment(), ClusterSnapshot((H100,), (profile,)), NOW, profiler_cluster_role=role).create
+        [binding] = [o for o in created if o["kind"] == "RoleBinding"]
+        bindings[binding["metadata"]["name"]] = binding["roleRef"]["name"]
+    # A roleRef cannot change: a binding of the same name to the old role would refuse the new one (409).
+    assert bindings == {"old-slmpack-profiler": "old-slmpack-profiler", "new-slmpack-profiler": "new-slmpack-profiler"}

@@ -74,3 +74,16 @@ def test_the_profiling_job_carries_the_specs_deadline_and_retries():
     second = decide({**DEPLOYMENT, "spec": spec}, ClusterSnapshot((H100,), (profile,)), NOW)
     job_spec = next(o for o in second.create if o["kind"] == "Job")["spec"]
     assert job_spec["activeDeadlineSeconds"] == 600 and job_spec["backoffLimit"] == 1
+
+
+def test_a_profile_status_the_operator_cannot_read_is_a_condition_not_an_endless_retry():
+    profile, _ = profile_and_job_name()
+    for wrong, shown in [({"phase": "Ready", "knee": {"batchSize": 8, "fromTheFuture": 1}},
+                          "status.knee.fromTheFuture: Extra inputs are not permitted"),
+                         ({"phase": "Ready", "knee": {"batchSize": "eight"}}, "status.knee.batchSize: ")]:
+        decision = decide(DEPLOYMENT, ClusterSnapshot((H100,), ({**profile, "status": wrong},)), NOW)
+        unreadable = profile_ready(decision)
+        assert (unreadable.status, unreadable.reason) == ("False", "ProfileUnreadable")
+        assert shown in unreadable.message and f"delete SLMProfile {profile['metadata']['name']}" in unreadable.message
+        assert decision.status.phase.value == "Failed" and decision.apply == []
+        assert any(e.reason == "ProfileUnreadable" and e.warning for e in decision.events)

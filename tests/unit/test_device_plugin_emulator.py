@@ -37,6 +37,15 @@ def test_labels_as_gfd_writes_them():
     assert GpuNode(sharing="mps").labels()["nvidia.com/mps.capable"] == "true"
 
 
+def test_only_an_emulated_gpu_operator_writes_gpu_present():
+    # GFD beside a plain device plugin does not write it, so nothing may come to depend on it unseen.
+    assert "nvidia.com/gpu.present" not in GpuNode().labels()
+    assert "nvidia.com/gpu.present" not in GpuNode.from_env({}).labels()
+    operator = GpuNode.from_env({"SLMPACK_GPU_OPERATOR": "1"})
+    assert operator.labels()["nvidia.com/gpu.present"] == "true"
+    assert operator.labels()["nvidia.com/gpu.count"] == "1"
+
+
 def test_distributed_spreads_and_packed_consolidates_within_one_request():
     node = GpuNode(gpus=2, sharing="time-slicing", replicas=4)
     assert sorted(per_gpu(node.preferred(node.device_ids(), [], 4)).values()) == [2, 2]
@@ -81,7 +90,25 @@ def test_mps_refuses_more_than_one_slot_and_time_slicing_does_not():
         mps.allocate(mps.device_ids()[:2], MPS_ROOT)
     sliced = GpuNode(gpus=2, sharing="time-slicing", replicas=4)
     answer = sliced.allocate([sliced.device_ids()[0], sliced.device_ids()[1], sliced.device_ids()[4]], MPS_ROOT)
-    assert answer == {"envs": {"NVIDIA_VISIBLE_DEVICES": ",".join(sliced.uuids)}, "mounts": []}
+    assert answer == {"envs": {"NVIDIA_VISIBLE_DEVICES": ",".join(sliced.uuids)}, "mounts": [], "annotations": {}}
+
+
+def test_cdi_mode_names_cdi_devices_in_annotations_and_sets_no_nvidia_visible_devices():
+    # The GPU Operator's plugin (deviceListStrategy cdi-annotations): the runtime injects the devices, and the
+    # container gets no variable that names its GPU; the MPS pipe and shm stay as they are.
+    node = GpuNode(gpus=2, sharing="mps", replicas=4, cdi=True)
+    answer = node.allocate([node.device_ids()[5]], MPS_ROOT)
+    assert answer["envs"] == {"CUDA_MPS_PIPE_DIRECTORY": "/mps/nvidia.com/gpu/pipe"}
+    ((key, value),) = answer["annotations"].items()
+    assert key.startswith("cdi.k8s.io/nvidia-device-plugin_")
+    assert value == f"k8s.device-plugin.nvidia.com/gpu={node.uuids[1]}"
+    assert GpuNode.from_env({"SLMPACK_GPU_CDI": "1"}).cdi and not GpuNode.from_env({}).cdi
+
+
+def test_the_node_is_tainted_only_when_asked():
+    assert GpuNode().taints() == []
+    assert GpuNode.from_env({"SLMPACK_GPU_TAINT": "1"}).taints() == [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
 
 
 def test_unknown_device_is_refused():

@@ -5,6 +5,7 @@ Selectors run through cel-python against ResourceSlices in the driver's exact fo
 resource.k8s.io version (kubernetes-validate).
 """
 
+import dataclasses
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +25,7 @@ from slmpack.core.dra import (
     build_profiling_claim_template,
     build_resource_claim,
     check_selector,
+    device_selectors,
     devices_from_slices,
     matching_devices,
     newest_served,
@@ -140,7 +142,12 @@ def test_a_selector_on_one_gpus_identity_picks_it_among_identical_ones():
     one = "device.attributes['gpu.nvidia.com'].uuid == 'GPU-6b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e'"
     assert [f"{d.node}/{d.name}" for d in matching_devices([one], DEVICES)] == ["a100-node/gpu-1"]
     bus = "device.attributes['resource.kubernetes.io'].pciBusID == '0000:07:00.0'"
-    assert [f"{d.node}/{d.name}" for d in matching_devices([bus], DEVICES)] == ["a100-node/gpu-0"]
+    # The L4's slice publishes no pciBusID: unguarded, the scheduler's allocation aborts there.
+    with pytest.raises(InvalidSelector, match="l4-node/gpu-0 .* would abort the claim's allocation"):
+        matching_devices([bus], DEVICES)
+    guarded = f"'resource.kubernetes.io' in device.attributes && 'pciBusID' in " \
+              f"device.attributes['resource.kubernetes.io'] && {bus}"
+    assert [f"{d.node}/{d.name}" for d in matching_devices([guarded], DEVICES)] == ["a100-node/gpu-0"]
 
 
 def test_the_plan_needs_a_gpu_with_memory_for_all_its_replicas():
@@ -154,6 +161,19 @@ def test_a_product_with_quotes_still_makes_a_selector_that_compiles():
     expression = product_selector("it's (odd)")
     check_selector(expression)
     assert matching_devices([expression], DEVICES) == []
+
+
+def test_a_gpu_without_a_memory_capacity_is_skipped_not_an_aborted_allocation():
+    # The driver leaves `memory` out where NVML says NOT_SUPPORTED; reading it unguarded is a CEL runtime error,
+    # which aborts the claim's whole allocation in the scheduler instead of skipping the device.
+    gpu = next(d for d in DEVICES if d.node == "h100-node" and d.name == "gpu-0")
+    bare = dataclasses.replace(gpu, name="gpu-9", capacity={})
+    with pytest.raises(InvalidSelector, match="gpu-9 .* the scheduler would abort the claim's allocation"):
+        selects("device.capacity['gpu.nvidia.com'].memory.compareTo(quantity('40Gi')) >= 0", bare)
+    expressions = device_selectors(spec(gpu={"product": "NVIDIA-H100-80GB-HBM3"}), min_memory_mib=40000)
+    assert matching_devices(expressions, [gpu, bare]) == [gpu]
+    assert not selects(product_selector("NVIDIA-H100-80GB-HBM3"), dataclasses.replace(
+        gpu, attributes={"gpu.nvidia.com": {"type": "gpu"}}))
 
 
 @pytest.mark.parametrize(("expression", "says"), [
@@ -424,12 +444,14 @@ def test_render_writes_the_example_for_the_versions_the_cluster_serves(capsys, a
     code, docs, _ = render(capsys, "-f", EXAMPLE, *slice_args("h100-node.yaml", "a100-node.yaml"),
                            "--api-versions", api_versions, "--profile", PROFILE_FILE)
     assert code == 0
-    assert [d["kind"] for d in docs] == ["ResourceClaim", "Service", "StatefulSet", "SLMDeployment"]
+    assert [d["kind"] for d in docs] == ["ResourceClaim", "Service", "PodDisruptionBudget", "ServiceAccount",
+                                         "RoleBinding", "Service", "ConfigMap", "Deployment", "PodDisruptionBudget",
+                                         "StatefulSet", "SLMDeployment"]
     assert docs[0]["apiVersion"] == newest_served(api_versions.split(","))
     for obj in docs[:-1]:
         kubernetes_validate.validate(obj, release, strict=True)
     assert chosen(docs[0]) == ["h100-node/gpu-0"]
-    assert docs[-1]["status"]["plan"]["replicas"] == docs[2]["spec"]["replicas"] == 4
+    assert docs[-1]["status"]["plan"]["replicas"] == docs[-2]["spec"]["replicas"] == 4
 
 
 def test_render_without_a_profile_prints_the_profiling_claim_template_and_job(capsys):
@@ -453,5 +475,5 @@ def test_render_reads_slices_as_kubectl_lists_them(capsys, tmp_path):
 
 def test_render_says_when_the_cluster_serves_no_dra_version(capsys):
     code, docs, err = render(capsys, "-f", EXAMPLE, *slice_args("h100-node.yaml"), "--api-versions", "")
-    assert code == 1 and docs == []
+    assert code == 3 and docs == []  # the spec is valid; the cluster described cannot take it
     assert "serves no resource.k8s.io version" in err

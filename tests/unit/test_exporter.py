@@ -143,6 +143,22 @@ def test_a_source_that_goes_down_is_reported_not_raised():
     assert registry.get_sample_value("slmpack_exporter_nvml_up") == 0
 
 
+def test_a_lost_gpu_sets_nvml_down_and_nvml_is_initialised_again_once_it_is_back(caplog):
+    node = fake_node(2, 1)
+    collector, registry = serve(node)
+    assert registry.get_sample_value("slmpack_exporter_nvml_up") == 1 and node.inits == 1
+    node.lost = True  # nvmlDeviceGetCount raises GPU_IS_LOST
+    assert registry.get_sample_value("slmpack_exporter_nvml_up") == 0  # a scrape, not a 500
+    assert "GPU is lost" in collector.last_error and not collector.nvml_up
+    assert "slmpack_gpu_power_watts" not in scrape(registry)
+    assert "GPU is lost" in caplog.text  # reported once, in the log
+    node.lost, inits = False, node.inits
+    assert registry.get_sample_value("slmpack_exporter_nvml_up") == 1
+    assert node.inits == inits + 1  # the next scrape initialised NVML again
+    assert registry.get_sample_value("slmpack_gpu_power_watts", {"gpu": "1", "uuid": "GPU-fake-0001",
+                                                                 "product": node.product}) == 310.0
+
+
 def test_split_by_utilization_or_equal_shares():
     assert split(90.0, {"a": 20.0, "b": 10.0}) == ({"a": 60.0, "b": 30.0}, "process_utilization")
     assert split(90.0, {"a": 20.0, "b": None}) == ({"a": 45.0, "b": 45.0}, "equal_share")
@@ -188,6 +204,42 @@ def test_pod_directory_maps_a_pid_to_its_pod_and_caches_the_list(tmp_path):
     assert pods.lookup(42) == PodRef("ai", "chat-0", "engine", "chat")
     assert pods.lookup(43).pod == ""  # exited
     assert len(calls) == 1
+
+
+def test_a_pack_pods_processes_are_told_apart_by_the_engine_port_their_server_listens_on(tmp_path):
+    uid, cid = "1f3c5a2e-9b8d-4c7e-a1b2-c3d4e5f60718", "d" * 64
+    # The supervisor (10), engine-1's server on 8001 (11) and its engine core (12), which holds the GPU; a helper
+    # the supervisor ran that is no engine (13). World-readable files only: cmdline and stat.
+    processes = {10: (["slmpack", "supervise"], 1), 11: (["python3", "-m", "vllm.entrypoints.openai.api_server",
+                                                         "--model", "m", "--port", "8001"], 10),
+                 12: (["VLLM::EngineCore"], 11), 13: (["sh", "-c", "true"], 10)}
+    for pid, (argv, parent) in processes.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(f"1:name=systemd:/kubepods/pod{uid}/{cid}\n")
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({argv[0][:15]}) S {parent} {pid} {pid} 0 -1\n")
+    ports = [{"name": "engine-0", "containerPort": 8000}, {"name": "engine-1", "containerPort": 8001},
+             {"name": "supervisor", "containerPort": 8090}]
+    pods = PodDirectory(lambda: {"items": [{"metadata": {"uid": uid, "namespace": "ai", "name": "chat-pack-0",
+                                                         "labels": {"slmpack.dev/deployment": "chat"}},
+                                            "spec": {"containers": [{"name": "supervisor", "ports": ports}]}}]},
+                        proc=tmp_path)
+    assert pods.lookup(12) == PodRef("ai", "chat-pack-0", "supervisor", "chat", "engine-1")
+    assert pods.lookup(11).engine == "engine-1"
+    assert pods.lookup(13).engine == ""  # no engine's server above it
+
+    # Each engine gets its own series; a pod that runs one engine keeps an empty label, which Prometheus drops.
+    engines = [PodRef("ai", "chat-pack-0", "supervisor", "chat", f"engine-{i}") for i in range(2)]
+    node = FakeNode(gpus=1, processes=[FakeProcess(100 + i, 0, ref, sm_percent=30 + 40 * i)
+                                       for i, ref in enumerate(engines)])
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(NvmlSource(FakeNvml(node)), FakePods(node)))
+    scrape(registry)
+    info = scrape(registry)["slmpack_pod_gpu_info"].samples
+    assert sorted(s.labels["engine"] for s in info) == ["engine-0", "engine-1"]
+    assert {s.labels["pod"] for s in info} == {"chat-pack-0"}
+    energy = scrape(registry)["slmpack_pod_gpu_energy_joules"].samples
+    assert {s.labels["engine"] for s in energy if s.name.endswith("_total")} == {"engine-0", "engine-1"}
 
 
 def test_fake_node_shape():

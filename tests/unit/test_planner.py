@@ -9,7 +9,7 @@ from slmpack.api.models import (
     SLMDeploymentSpec,
     SLMProfileStatus,
 )
-from slmpack.core.memory import footprint_from_hf_config, kv_cache_mib
+from slmpack.core.memory import CUDA_CONTEXT_MIB, footprint_from_hf_config, kv_cache_mib, start_utilization
 from slmpack.core.planner import plan
 from slmpack.core.validation import InvalidSpec
 
@@ -50,7 +50,9 @@ def test_the_papers_case_a_1_3b_model_whose_knee_uses_a_sixth_of_kv_memory():
     result = plan(spec(profiling=workload, placement="dra"), profile(), H100_MIB, sharing_slots=8)
     assert result.replicas == 3  # 3 replicas measured best; 4 was slower
     assert result.max_num_seqs == 64
-    assert result.gpu_memory_utilization == 0.3
+    # Under the claim's pinned limit of 0.3 of the GPU: the share less a headroom that holds a CUDA context,
+    # so that vLLM starts whether CUDA reports the GPU or the limit (test_mps_memory.py).
+    assert result.gpu_memory_utilization == start_utilization(H100_MIB, int(H100_MIB * 0.3), capped=True) == 0.277
     assert result.mps_active_thread_percentage == 34
     assert result.mps_pinned_memory_limit_mib == int(H100_MIB * 0.3)
     assert result.predicted_throughput_tokens_per_s == 12100
@@ -84,10 +86,21 @@ def test_without_a_profile_fixed_replicas_use_vllms_default_batch():
 
 
 def test_cpu_device_sizes_the_kv_cache_instead_of_gpu_memory():
-    result = plan(spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 2}), profile(), None)
+    result = plan(spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 2}, replicas=1), None, None)
     assert result.gpu_memory_utilization is None
-    assert result.memory_per_replica_mib == 2048
+    assert (result.memory_per_replica_mib, result.kv_cache_memory_bytes) == (2048, 2 * 2**30)
     assert result.mps_active_thread_percentage is None
+    # Two replicas share the pack's space: the same KV cache in all, whatever the count.
+    assert plan(spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 2}, replicas=2), None,
+                None).kv_cache_memory_bytes == 2**30
+
+
+def test_fixed_cpu_replicas_share_the_nodes_cores_and_kv_cache():
+    # Without a profile two replicas once ran vLLM's defaults, each with threads on every core: 0.47x of one.
+    one, two = (plan(spec(engine={"device": "cpu", "cpuKvCacheSpaceGib": 4}, replicas=n), None, None,
+                     node_cpus=8) for n in (1, 2))
+    assert (one.cpu_threads_per_replica, two.cpu_threads_per_replica) == (8, 4)
+    assert (one.kv_cache_memory_bytes, two.kv_cache_memory_bytes) == (4 * 2**30, 2 * 2**30)
 
 
 def test_time_slicing_sets_no_mps_limits():
@@ -120,7 +133,7 @@ def test_under_plugin_mps_each_replica_fits_the_daemons_memory_over_r_limit(slot
     assert result.mps_active_thread_percentage == 100 // slots
     # vLLM refuses to start unless utilization x total is free: never ask for more than the limit.
     assert result.gpu_memory_utilization * H100_MIB < limit
-    headroom = max(256, -(-limit * 5 // 100))
+    headroom = max(256, -(-limit * 5 // 100)) + CUDA_CONTEXT_MIB  # a client's context may come out of its free
     assert result.kv_cache_memory_bytes == (limit - 690 - 1536 - headroom) * 1024 * 1024
 
 
@@ -165,26 +178,44 @@ def test_one_measured_run_per_count_is_no_evidence_for_packing():
     assert plan(spec(), single_runs, H100_MIB, 8).replicas == 1
 
 
-def test_the_batch_per_replica_is_the_one_measured_for_the_chosen_count():
+def test_every_replica_runs_the_knee_and_the_prediction_is_the_point_measured_there():
+    measured = profile(replication=((1, 9000, 30), (2, 12000, 40)))
+    result = plan(spec(), measured, H100_MIB, 8)
+    assert (result.replicas, result.max_num_seqs, result.knee_batch_size) == (2, 64, 64)
+    assert (result.predicted_throughput_tokens_per_s, result.predicted_p99_itl_ms) == (12000, 40)
+
+
+def test_counts_compared_at_another_batch_than_the_knee_do_not_decide():
+    # k = 1 run at 128 (kmax x knee) against k = 2 at 64 each: not the knee that runs, so no evidence for it.
     measured = profile(replication=((1, 9000, 30), (2, 12000, 40)))
     measured.replication[0].batch_size_per_replica = 128
-    measured.replication[1].batch_size_per_replica = 64
     result = plan(spec(), measured, H100_MIB, 8)
-    assert (result.replicas, result.max_num_seqs) == (2, 64)
-    assert "as measured for this replica count" in result.explanation
+    assert (result.replicas, result.max_num_seqs) == (1, 64)
+    assert "one replica was not measured at this batch" in result.explanation
+
+
+def test_a_plan_whose_measured_latency_breaks_the_slo_says_so():
+    measured = profile(replication=((1, 9000, 30), (2, 12000, 790)))
+    result = plan(spec(profiling={"slo": {"p99ItlMs": 600}}), measured, H100_MIB, 8)
+    # k = 2 breaks the SLO, so one replica at the knee, whose measured point meets it.
+    assert result.replicas == 1 and result.slo_miss is None
+    fixed = plan(spec(profiling={"slo": {"p99ItlMs": 600}}), profile(knee=64, replication=((1, 9000, 788),)),
+                 H100_MIB, 8)
+    assert fixed.slo_miss and "788 ms" in fixed.slo_miss and "600 ms" in fixed.slo_miss
 
 
 def test_two_slos_share_one_profile_and_get_different_plans():
     raw = SLMProfileStatus(points=load_curve("qwen2.5-0.5b-h100"),
-                           replication=[replication_point(1, 9000, 30, batch=128),
-                                        replication_point(2, 12000, 60, batch=64)])
+                           replication=[replication_point(1, 9000, 30, batch=96),
+                                        replication_point(2, 12000, 60, batch=96)])
     relaxed = plan(spec(), raw, H100_MIB, 8)
     strict = plan(spec(profiling={"slo": {"p99ItlMs": 20}}), raw, H100_MIB, 8)
-    assert relaxed.replicas == 2 and strict.replicas == 1
-    # The strict SLO also moves the knee, recomputed from the raw curve, to a smaller batch.
+    assert (relaxed.replicas, relaxed.max_num_seqs) == (2, 96) and strict.replicas == 1
+    # The strict SLO also moves the knee, recomputed from the raw curve, to a smaller batch, where the counts
+    # were not compared.
     assert strict.knee_batch_size < relaxed.knee_batch_size
     assert strict.max_num_seqs == strict.knee_batch_size
-    assert "exceeds the SLO 20 ms" in strict.explanation
+    assert "not at this deployment's knee" in strict.explanation
 
 
 def test_cpu_auto_dtype_is_float32_without_bf16_and_the_profiled_dtype_wins():
@@ -278,11 +309,12 @@ def test_the_profilers_own_mps_daemon_gives_each_replica_the_caps_the_plan_deplo
     assert sharing_env(engine, settings, replicas, None) == ({}, "none: one engine on a GPU of its own")
 
 
-def test_cpu_threads_leave_vllm_one_core_and_share_the_rest():
+def test_every_replica_count_shares_the_same_cores():
     from slmpack.core.hardware import cpu_threads_per_replica
 
-    assert [cpu_threads_per_replica(k, 2) for k in (1, 2, 3)] == [1, 1, 1]
-    assert [cpu_threads_per_replica(k, 16) for k in (1, 2, 4)] == [15, 7, 3]
+    # One replica gets both cores of a 2-core node, two get one each: never two threads against one.
+    assert [cpu_threads_per_replica(k, 2) for k in (1, 2, 3)] == [2, 1, 1]
+    assert [cpu_threads_per_replica(k, 16) for k in (1, 2, 4)] == [16, 8, 4]
 
 
 def test_more_minimum_than_maximum_repeats_is_refused_naming_both_fields():

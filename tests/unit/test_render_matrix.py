@@ -32,8 +32,18 @@ def pod_specs(objects):
     return [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Job", "StatefulSet")]
 
 
-def schedulable(pod: dict, labels: dict) -> bool:
-    """What the scheduler checks of a pod against a node's labels: nodeSelector, then required affinity."""
+def tolerated(pod: dict, taint: dict) -> bool:
+    """The scheduler's TaintToleration check (kubernetes staging/src/k8s.io/api/core/v1/toleration.go)."""
+    return any((not t.get("effect") or t["effect"] == taint["effect"])
+               and (not t.get("key") or t["key"] == taint["key"])
+               and (t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""))
+               for t in pod.get("tolerations", []))
+
+
+def schedulable(pod: dict, labels: dict, taints: list[dict] = ()) -> bool:
+    """What the scheduler checks of a pod against a node: its NoSchedule taints, nodeSelector, required affinity."""
+    if any(t["effect"] in ("NoSchedule", "NoExecute") and not tolerated(pod, t) for t in taints):
+        return False
     if any(labels.get(k) != v for k, v in pod.get("nodeSelector", {}).items()):
         return False
     terms = pod.get("affinity", {}).get("nodeAffinity", {}).get(
@@ -70,12 +80,15 @@ def test_every_pod_is_admissible_or_the_spec_is_refused_first(path, spec, measur
     pods = pod_specs(objects)
     assert pods, [o["kind"] for o in objects]
     for pod in pods:
-        (container,) = pod["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert schedulable(pod, node.labels)
+        container, *holders = pod["containers"]  # a profiling pod holds a slot per further engine
+        assert [c["resources"]["limits"]["nvidia.com/gpu"] for c in pod["containers"]] == ["1"] * (1 + len(holders))
+        assert len(pod["containers"]) <= min(4, slots)
+        assert schedulable(pod, node.labels, node.taints)
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert ("/dev/shm" in mounts) == (strategy != "mps")
         assert not [e for e in container["env"] if e["name"].startswith("CUDA_MPS_")]
+        # Under CDI nvidia-cdi-hook writes the container's root while creating it (kserve PR #5711).
+        assert container["securityContext"]["readOnlyRootFilesystem"] is False
     for obj in objects:
         if obj["kind"] == "Job":  # k co-located replicas are measured only up to what a pack may hold
             args = obj["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -128,3 +141,63 @@ def test_render_prints_the_refusal_it_would_write_and_exits_non_zero(tmp_path, c
     assert code == 1 and out == ""
     assert err.strip() == get_condition(decision.status.conditions, INVALID_SPEC).message
     assert "which does not share its GPUs" in err
+
+
+TAINTED = [node_from_object(load_documents(DATA / "nodes" / f"h100-tainted-mps-r4-g{g}.yaml")[0]) for g in (1, 8)]
+PLAIN_PLUGIN = node_from_object(load_documents(DATA / "nodes" / "h100-plugin-mps-r4-g1.yaml")[0])
+
+
+@pytest.mark.parametrize("node", TAINTED, ids=lambda n: n.name)
+def test_a_tainted_gpu_pool_is_tolerated_as_the_admission_plugin_would(node):
+    # ExtendedResourceToleration may be off, and adds nothing for a DRA claim: every GPU pod carries it itself.
+    assert node.taints == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    for pod in pod_specs(render(deployment(), [node], [], NOW)[0]):
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert schedulable(pod, node.labels, node.taints)
+
+
+def test_under_dra_the_gpu_toleration_is_added_once_beside_the_specs_own():
+    spec = {"placement": "dra", "scheduling": {"tolerations": [{"key": "team", "operator": "Exists"}]}}
+    objects, decision = render(deployment(**spec), [], [], NOW)
+    assert get_condition(decision.status.conditions, INVALID_SPEC).status == "False"
+    for pod in pod_specs(objects):
+        assert pod["tolerations"] == [{"key": "team", "operator": "Exists"},
+                                      {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    own = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+    objects, _ = render(deployment(placement="dra", scheduling={"tolerations": [own]}), [], [], NOW)
+    assert all(pod["tolerations"] == [own] for pod in pod_specs(objects))
+
+
+def test_a_taint_nothing_tolerates_keeps_the_node_out_and_says_so():
+    obj = load_documents(DATA / "nodes" / "h100-tainted-mps-r4-g1.yaml")[0]
+    obj["spec"]["taints"].append({"key": "dedicated", "value": "batch", "effect": "NoSchedule"})
+    node = node_from_object(obj)
+    objects, decision = render(deployment(), [node], [], NOW)
+    refused = get_condition(decision.status.conditions, INVALID_SPEC)
+    assert objects == [] and "tainted dedicated:NoSchedule: add spec.scheduling.tolerations" in refused.message
+    toleration = {"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}
+    objects, _ = render(deployment(scheduling={"tolerations": [toleration]}), [node], [], NOW)
+    assert objects and all(schedulable(pod, node.labels, node.taints) for pod in pod_specs(objects))
+
+
+def test_scheduling_settings_reach_the_engines_and_the_profiling_job():
+    scheduling = {"runtimeClassName": "nvidia", "priorityClassName": "inference", "imagePullSecrets": ["registry"],
+                  "nodeAffinity": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}
+    for profiles in ([], [profile_as_stored(PROFILE, "team")]):
+        objects, _ = render(deployment(scheduling=scheduling), [PLAIN_PLUGIN], profiles, NOW)
+        kinds = {o["kind"] for o in objects}
+        assert kinds & {"Job", "StatefulSet"}
+        for pod in pod_specs(objects):
+            assert (pod["runtimeClassName"], pod["priorityClassName"]) == ("nvidia", "inference")
+            assert pod["imagePullSecrets"] == [{"name": "registry"}]
+            assert schedulable(pod, {**PLAIN_PLUGIN.labels, "topology.kubernetes.io/zone": "a"})
+            assert not schedulable(pod, {**PLAIN_PLUGIN.labels, "topology.kubernetes.io/zone": "b"})
+
+
+def test_a_plain_device_plugin_node_without_gpu_present_is_served():
+    # Only the GPU Operator writes nvidia.com/gpu.present; nothing here may depend on it.
+    assert "nvidia.com/gpu.present" not in PLAIN_PLUGIN.labels
+    objects, decision = render(deployment(), [PLAIN_PLUGIN], [profile_as_stored(PROFILE, "team")], NOW)
+    assert get_condition(decision.status.conditions, INVALID_SPEC).status == "False"
+    assert all(schedulable(pod, PLAIN_PLUGIN.labels) for pod in pod_specs(objects))
+    assert all("runtimeClassName" not in pod for pod in pod_specs(objects))

@@ -24,6 +24,9 @@ def broken_cel_rules(schema: dict, value, path: str = "spec") -> list[str]:
         for name, sub in schema.get("properties", {}).items():
             if name in value:
                 broken += broken_cel_rules(sub, value[name], f"{path}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for item in value:
+            broken += broken_cel_rules(schema["items"], item, path)
     return broken
 
 
@@ -46,6 +49,12 @@ CROSS_FIELD = [
     (spec(model={"name": "/data/m", "volume": {"hostPath": "/srv/m"}}), "spec.model.name must be a path under"),
     (spec(model={"name": "m", "maxModelLen": 128}), "spec.profiling.workload needs"),
     (spec(placement="dra", gpu={"resourceName": "nvidia.com/gpu.shared"}), "spec.gpu.resourceName"),
+    (spec(engine={"env": [{"name": "T", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}),
+     "takes value or valueFrom, not both"),
+    (spec(engine={"env": [{"name": "T", "valueFrom": {}}]}), "valueFrom needs exactly one of"),
+    (spec(engine={"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"},
+                                                      "fieldRef": {"fieldPath": "metadata.name"}}}]}),
+     "valueFrom needs exactly one of"),
 ]
 
 

@@ -76,3 +76,30 @@ def test_progress_estimates_the_time_left_from_the_probes_so_far():
     shown = progress(done=3, planned=9, probe_seconds=[10, 20, 30], starts_left=1, start_seconds=60)
     assert (shown.probes_done, shown.probes_planned, shown.eta_seconds) == (3, 9, 6 * 20 + 60)
     assert progress(0, 9, []).eta_seconds is None
+
+
+def slo_curve() -> dict:
+    """BCA passes every batch up to 256; the p99 ITL meets 21 ms up to batch 24 only."""
+    grid = batch_grid(1, 256)
+    return {b: point(b, 100 * b / (1 + b / 64), 10 * (1 + b / 64), p99_itl_ms=15 * (1 + b / 64)) for b in grid}
+
+
+def test_the_sweep_bisects_below_a_probe_that_breaks_the_slo():
+    from slmpack.api.models import LatencySLO
+    from slmpack.core.knee import KneeParams
+
+    by_batch, params = slo_curve(), KneeParams(slo=LatencySLO(p99_itl_ms=21))
+    full = find_knee(by_batch.values(), params)
+    probed = sweep_order(sorted(by_batch), by_batch.__getitem__, params)
+    # Probing by BCA alone went 1, 32, 64, 128, 192, 256 and stepped down to 1.
+    assert full.batch_size == find_knee(probed.values(), params).batch_size == 24
+    assert len(probed) < len(by_batch) / 2 and full.slo_met
+
+
+def test_a_slo_no_batch_meets_is_said_not_met():
+    from slmpack.api.models import LatencySLO
+    from slmpack.core.knee import KneeParams
+
+    knee = find_knee(slo_curve().values(), KneeParams(slo=LatencySLO(p99_itl_ms=10)))
+    assert knee.batch_size == 1 and not knee.slo_met
+    assert knee.reason.startswith("no probed batch meets the SLO: B=1: p99 ITL 15.2 ms exceeds the SLO 10 ms")

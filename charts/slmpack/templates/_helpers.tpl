@@ -31,6 +31,10 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The ClusterRole the profiling Jobs run under; the operator binds it where it profiles.
 Named by release, like every cluster-scoped object, so that two releases coexist. */}}
+{{- define "slmpack.routerRole" -}}
+{{- include "slmpack.component" (dict "root" . "component" "router") -}}
+{{- end -}}
+
 {{- define "slmpack.profilerRole" -}}
 {{- include "slmpack.component" (dict "root" . "component" "profiler") -}}
 {{- end -}}
@@ -76,6 +80,12 @@ finalizers. */}}
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [list, watch, create, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
@@ -94,4 +104,33 @@ finalizers. */}}
 - apiGroups: [resource.k8s.io]
   resources: [resourceclaimtemplates]
   verbs: [create]
+# The router of each deployment (spec.routing.mode router): its Deployment, configuration, disruption budget,
+# and the ServiceAccount and RoleBinding that let its agent read Endpoints.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, patch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [patch]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
+  verbs: [patch]
+# spec.routing.mode inferencePool: the InferencePool over the replicas.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [create, patch]
+{{- end -}}
+
+{{/* An image reference: imageRegistry/repository, then @digest when set, :tag otherwise.
+Call with (dict "root" $ "image" .Values.x.image). */}}
+{{- define "slmpack.image" -}}
+{{- $name := .image.repository -}}
+{{- with .root.Values.imageRegistry }}{{ $name = printf "%s/%s" (trimSuffix "/" .) $name }}{{ end -}}
+{{- if .image.digest -}}{{ printf "%s@%s" $name .image.digest }}{{- else -}}{{ printf "%s:%s" $name .image.tag }}{{- end -}}
 {{- end -}}

@@ -3,6 +3,9 @@
 Desired objects come from the pure manifest builders; this module only sends them.
 Server-side apply (beta and on by default since Kubernetes 1.18) makes every write a
 declaration of the whole desired object, so reconciling twice changes nothing.
+
+Every request has a timeout (the client's `_request_timeout`): a call that hangs would hold a
+reconcile worker, or a Lease renewal past its deadline.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from prometheus_client import Counter
+from urllib3 import Retry
 
 from slmpack import API_GROUP, API_VERSION
 
@@ -25,13 +30,41 @@ FIELD_MANAGER = "slmpack"
 log = logging.getLogger(__name__)
 API_REQUESTS = Counter("slmpack_operator_api_requests_total",
                        "Requests the operator sent to the Kubernetes API (watches excluded), by verb.", ["verb"])
+# (connect, read) seconds of a request that names no timeout of its own.
+REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
+# A connection that fails is tried again; a request that timed out is not, or a timeout would last
+# four times as long (urllib3's default retries reads too).
+RETRIES = Retry(total=3, read=0)
+
+
+def delete_as_read(delete, obj: dict, propagation_policy: str | None = None) -> None:
+    """Delete `obj` as it was read: its uid is a precondition, so a successor of the same name survives. Gone
+    already (404) or replaced since (409) is left to the next reconcile."""
+    meta = obj["metadata"]
+    try:
+        delete(meta["name"], meta["namespace"], body=client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=meta["uid"]), propagation_policy=propagation_policy))
+    except ApiException as error:
+        if error.status not in (404, 409):
+            raise
 
 
 class CountingApiClient(client.ApiClient):
-    """The client library's ApiClient, counting each request it sends."""
+    """The client library's ApiClient, counting each request it sends and giving each a timeout."""
+
+    def __init__(self, configuration: client.Configuration | None = None,
+                 request_timeout: float | tuple[float, float] = REQUEST_TIMEOUT_SECONDS) -> None:
+        configuration = configuration or client.Configuration.get_default_copy()
+        if configuration.retries is None:
+            configuration.retries = RETRIES
+        super().__init__(configuration)
+        self.request_timeout = request_timeout
 
     def call_api(self, method, url, *args, **kwargs):
         API_REQUESTS.labels(method).inc()
+        # Generated and dynamic clients alike pass `_request_timeout`, None unless the call set one.
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = self.request_timeout
         return super().call_api(method, url, *args, **kwargs)
 
 
@@ -177,18 +210,20 @@ class Kube:
     def coordination(self) -> client.CoordinationV1Api:
         return client.CoordinationV1Api(self.api)
 
-    def get_lease(self, namespace: str, name: str) -> client.V1Lease | None:
-        return absent_as_none(lambda: self.coordination.read_namespaced_lease(name, namespace))
+    def get_lease(self, namespace: str, name: str, timeout_seconds: float | None = None) -> client.V1Lease | None:
+        return absent_as_none(lambda: self.coordination.read_namespaced_lease(
+            name, namespace, _request_timeout=timeout_seconds))
 
-    def write_lease(self, lease: client.V1Lease) -> bool:
+    def write_lease(self, lease: client.V1Lease, timeout_seconds: float | None = None) -> bool:
         """Create the Lease, or replace it at the resourceVersion it was read at; False when another
-        writer came first (409)."""
+        writer came first (409). `timeout_seconds` bounds the request (the renew deadline's rest)."""
         meta = lease.metadata
         try:
             if meta.resource_version:
-                self.coordination.replace_namespaced_lease(meta.name, meta.namespace, lease)
+                self.coordination.replace_namespaced_lease(meta.name, meta.namespace, lease,
+                                                           _request_timeout=timeout_seconds)
             else:
-                self.coordination.create_namespaced_lease(meta.namespace, lease)
+                self.coordination.create_namespaced_lease(meta.namespace, lease, _request_timeout=timeout_seconds)
             return True
         except ApiException as error:
             if error.status == 409:
@@ -203,6 +238,23 @@ class Kube:
     def patch_profile_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(
             API_GROUP, API_VERSION, namespace, "slmprofiles", name, {"status": status})
+
+    # ---------------------------------------------------------------- the exporters' GPU assignments
+
+    def list_config_maps(self, namespace: str, selector: str) -> tuple[list[dict], str]:
+        """The ConfigMaps with this label selector, and the resourceVersion of the list."""
+        listed = self.api.sanitize_for_serialization(
+            self.core.list_namespaced_config_map(namespace, label_selector=selector))
+        return listed.get("items") or [], listed["metadata"]["resourceVersion"]
+
+    def watch_config_maps(self, namespace: str, selector: str, resource_version: str,
+                          timeout_s: int) -> Iterator[tuple[str, dict]]:
+        """(ADDED | MODIFIED | DELETED, ConfigMap) after `resource_version`, for up to `timeout_s`; an
+        expired version raises ApiException (410 Gone), and the caller lists again."""
+        for event in watch.Watch().stream(self.core.list_namespaced_config_map, namespace, label_selector=selector,
+                                          resource_version=resource_version, timeout_seconds=timeout_s,
+                                          _request_timeout=timeout_s + 10):
+            yield event["type"], self.api.sanitize_for_serialization(event["object"])
 
     # ---------------------------------------------------------------- DRA (resource.k8s.io)
 
@@ -226,17 +278,21 @@ class Kube:
         return [{**item, "apiVersion": api_version, "kind": "ResourceClaim"} for item in items]
 
     def delete_statefulset(self, statefulset: dict) -> None:
-        """Delete a StatefulSet as read (its uid a precondition, so a successor of the same name survives); its
-        pods go by garbage collection, gracefully: each runs its preStop drain before the engine stops."""
-        meta = statefulset["metadata"]
-        try:
-            self.apps.delete_namespaced_stateful_set(
-                meta["name"], meta["namespace"],
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"]),
-                                            propagation_policy="Background"))
-        except ApiException as error:
-            if error.status not in (404, 409):
-                raise
+        """Delete a StatefulSet as read; its pods go by garbage collection, gracefully: each runs its preStop
+        drain before the engine stops."""
+        delete_as_read(self.apps.delete_namespaced_stateful_set, statefulset, "Background")
+
+    def delete_deployment(self, deployment: dict) -> None:
+        """Delete a Deployment (a router) as read; its pods go by garbage collection."""
+        delete_as_read(self.apps.delete_namespaced_deployment, deployment, "Background")
+
+    @cached_property
+    def networking(self) -> client.NetworkingV1Api:
+        return client.NetworkingV1Api(self.api)
+
+    def delete_network_policy(self, policy: dict) -> None:
+        """Delete a NetworkPolicy as read."""
+        delete_as_read(self.networking.delete_namespaced_network_policy, policy)
 
     def delete_unused_claim(self, claim: dict) -> bool:
         """Delete a claim as it was read; True when deleted. The preconditions make the delete fail (409) if

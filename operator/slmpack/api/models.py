@@ -25,7 +25,7 @@ from slmpack import API_GROUP, API_VERSION
 API = f"{API_GROUP}/{API_VERSION}"
 DEFAULT_ENGINE_IMAGE = "slmpack/engine:0.1.0"
 DEFAULT_CPU_ENGINE_IMAGE = "slmpack/engine-cpu:0.1.0"
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 
 # Kubernetes' own formats (apimachinery/pkg/util/validation), so a bad value is refused at apply
 # rather than when the operator creates a child from it.
@@ -83,6 +83,7 @@ class Sharing(StrEnum):
 class Placement(StrEnum):
     device_plugin = "device-plugin"
     dra = "dra"
+    pack_pod = "pack-pod"
 
 
 class KneeRule(StrEnum):
@@ -97,8 +98,10 @@ class ModelVolume(Model):
         ("has(self.hostPath) != has(self.persistentVolumeClaim)",
          "spec.model.volume needs exactly one of hostPath or persistentVolumeClaim")))
 
-    host_path: str | None = Field(None, pattern=ABSOLUTE_PATH,
-                                  description="A directory on the node that holds the model (an absolute path).")
+    host_path: str | None = Field(
+        None, pattern=ABSOLUTE_PATH,
+        description="A directory on the node that holds the model (an absolute path), under one the cluster admin "
+        "allows (the chart's hostPaths.modelPrefixes).")
     persistent_volume_claim: str | None = Field(
         None, pattern=DNS_SUBDOMAIN, max_length=253,
         description="The name of a PersistentVolumeClaim in the same namespace that holds the model."
@@ -113,16 +116,18 @@ class EngineCache(Model):
     vLLM writes its torch.compile artefacts under VLLM_CACHE_ROOT and inductor's kernels under
     TORCHINDUCTOR_CACHE_DIR; a start whose settings were compiled before loads them instead. The
     profiling Job and every replica on a node mount the same directory, so the profile pays the
-    compilation once and the replicas it plans start warm. The engine runs as UID 10001: a hostPath
-    directory must exist and be writable by it (`install -d -o 10001 -g 10001 DIR` on each node, or
-    the chart's `exporter.engineCacheHostPath`)."""
+    compilation once and the replicas it plans start warm. A hostPath must be the node directory the
+    cluster admin allows (the chart's `exporter.engineCacheHostPath`, which the chart prepares), and
+    each namespace mounts only its own subdirectory of it."""
 
     model_config = ConfigDict(json_schema_extra=cel(
         ("has(self.hostPath) != has(self.persistentVolumeClaim)",
          "spec.engine.cache needs exactly one of hostPath or persistentVolumeClaim")))
 
-    host_path: str | None = Field(None, pattern=ABSOLUTE_PATH,
-                                  description="A directory on the node, writable by UID 10001 (an absolute path).")
+    host_path: str | None = Field(
+        None, pattern=ABSOLUTE_PATH,
+        description="The node's engine cache directory that the cluster admin allows (the chart's "
+        "exporter.engineCacheHostPath); the namespace's own subdirectory of it is mounted.")
     persistent_volume_claim: str | None = Field(
         None, pattern=DNS_SUBDOMAIN, max_length=253,
         description="The name of a PersistentVolumeClaim in the same namespace (ReadWriteMany for several nodes)."
@@ -151,11 +156,77 @@ class ModelSpec(Model):
     volume: ModelVolume | None = Field(None, description="A volume that holds the model, for a model given as a path.")
 
 
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+
+
+class SecretKeyRef(Model):
+    """A key of a Secret in the deployment's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="The Secret's name.")
+    key: str = Field(..., min_length=1, max_length=253, pattern=SECRET_KEY, description="The key within it.")
+    optional: bool | None = Field(None, description="Start even when the Secret or its key is missing.")
+
+
+class ConfigMapKeyRef(Model):
+    """A key of a ConfigMap in the deployment's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="The ConfigMap's name.")
+    key: str = Field(..., min_length=1, max_length=253, pattern=SECRET_KEY, description="The key within it.")
+    optional: bool | None = Field(None, description="Start even when the ConfigMap or its key is missing.")
+
+
+class FieldRef(Model):
+    """A field of the pod, e.g. metadata.name or status.podIP."""
+
+    field_path: str = Field(..., min_length=1, description="The field's path.")
+    api_version: str | None = Field(None, description="The version the path is written in (v1 when unset).")
+
+
+class ResourceFieldRef(Model):
+    """A resource request or limit of a container."""
+
+    resource: str = Field(..., min_length=1, description="The resource, e.g. limits.memory.")
+    container_name: str | None = Field(None, description="The container; the engine's when unset.")
+    divisor: str | None = Field(None, pattern=QUANTITY, description="The unit the value is given in, e.g. 1Mi.")
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from, exactly one source (the core API's EnvVarSource)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)]"
+         ".filter(x, x).size() == 1",
+         "valueFrom needs exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef")))
+
+    secret_key_ref: SecretKeyRef | None = Field(None, description="A key of a Secret: keeps e.g. HF_TOKEN out of "
+                                                "the spec, the profiles and the Events.")
+    config_map_key_ref: ConfigMapKeyRef | None = Field(None, description="A key of a ConfigMap.")
+    field_ref: FieldRef | None = Field(None, description="A field of the pod.")
+    resource_field_ref: ResourceFieldRef | None = Field(None, description="A resource of a container.")
+
+    def sources(self) -> int:
+        return sum(x is not None for x in (self.secret_key_ref, self.config_map_key_ref, self.field_ref,
+                                           self.resource_field_ref))
+
+
 class EnvVar(Model):
-    """An environment variable for the engine container."""
+    """An environment variable for the engine container: a value, or a reference to one (the core API's EnvVar)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!has(self.valueFrom) || !has(self.value) || size(self.value) == 0",
+         "an env entry takes value or valueFrom, not both")))
 
     name: str = Field(..., min_length=1, pattern=ENV_VAR_NAME, description="The variable's name.")
-    value: str = Field("", description="The variable's value.")
+    value: str = Field("", description="The variable's value, in clear text: use valueFrom.secretKeyRef for a secret.")
+    value_from: EnvVarSource | None = Field(None, description="Where the value comes from instead: a Secret's key, "
+                                            "a ConfigMap's key, a field of the pod or a container's resource.")
+
+    def to_container(self) -> dict:
+        """The entry as a container's env takes it: value or valueFrom."""
+        wire = self.to_wire()
+        if self.value_from is not None:
+            wire.pop("value", None)
+        return wire
 
 
 class EngineSpec(Model):
@@ -168,19 +239,30 @@ class EngineSpec(Model):
     )
     image: str | None = Field(
         None, min_length=1,
-        description="The engine+profiler image. Defaults to slmpack's engine image for the chosen device."
+        description="The engine+profiler image. Unset: the engine image for the chosen device that the operator is "
+        "configured with (the chart's engine.image or engine.cpuImage, under its imageRegistry)."
     )
     extra_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments appended to `vllm serve`."
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the engine.")
     cpu_kv_cache_space_gib: int = Field(
-        1, ge=1, le=1024, description="With device cpu: the KV-cache space per replica in GiB (VLLM_CPU_KVCACHE_SPACE)."
+        1, ge=1, le=1024, description="With device cpu: the KV-cache space of a pack in GiB, shared equally by its "
+        "replicas (each gets --kv-cache-memory-bytes = this / replicas), so every replica count has the same total."
     )
     cache: EngineCache | None = Field(
         None, description="A volume for the engine's compilation caches, shared by the profiling Job and the "
         "replicas, so that only the first start with given settings compiles. Without it each pod compiles anew."
     )
+    tmp_size_limit: str = Field(
+        "20Gi", pattern=QUANTITY,
+        description="The most /tmp of an engine or profiler pod may hold (the model download from the Hub, and the "
+        "compiled kernels without spec.engine.cache): the kubelet evicts a pod that writes more. Each engine "
+        "container also requests 1Gi of ephemeral storage unless spec.resources.requests names ephemeral-storage.")
+    shm_size_limit: str = Field(
+        "1Gi", pattern=QUANTITY,
+        description="The most /dev/shm (memory, counted in the pod's memory) a pod may hold, where the pod has its "
+        "own: not under MPS, whose server provides it.")
 
     def resolved_image(self) -> str:
         return self.image or (DEFAULT_CPU_ENGINE_IMAGE if self.device == Device.cpu else DEFAULT_ENGINE_IMAGE)
@@ -203,6 +285,61 @@ class GPUSpec(Model):
         description="The extended resource that the device plugin advertises for a share of a GPU "
         "(nvidia.com/gpu, or nvidia.com/gpu.shared when the plugin renames shared GPUs).",
     )
+
+
+class TaintEffect(StrEnum):
+    no_schedule = "NoSchedule"
+    prefer_no_schedule = "PreferNoSchedule"
+    no_execute = "NoExecute"
+
+
+class Toleration(Model):
+    """A toleration of a node taint, as in a pod spec (core/v1 Toleration)."""
+
+    key: str | None = Field(None, pattern=QUALIFIED_NAME, description="The taint key; empty with Exists means all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists, or Equal to value.")
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE, description="The value, with Equal.")
+    effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; empty "
+                                       "means all.")
+    toleration_seconds: int | None = Field(None, ge=0, description="With NoExecute: how long the pod stays.")
+
+    def tolerates(self, taint: dict) -> bool:
+        """Whether this tolerates `taint` (a Node's spec.taints entry), as the scheduler decides
+        (kubernetes staging/src/k8s.io/api/core/v1/toleration.go `ToleratesTaint`)."""
+        if self.effect is not None and self.effect.value != taint.get("effect"):
+            return False
+        if self.key is not None and self.key != taint.get("key"):
+            return False
+        return self.operator == "Exists" or (self.value or "") == (taint.get("value") or "")
+
+
+class NodeSelectorRequirement(Model):
+    """One node affinity expression (core/v1 NodeSelectorRequirement)."""
+
+    key: str = Field(..., pattern=QUALIFIED_NAME, description="The node label.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(..., description="How the "
+                                                                                   "label is compared.")
+    values: list[str] = Field(default_factory=list, description="The values, for In, NotIn, Gt and Lt.")
+
+
+class SchedulingSpec(Model):
+    """Where and how the engines and the profiling Job are scheduled, beside the GPU's own labels."""
+
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of node taints, e.g. the nvidia.com/gpu:NoSchedule that GPU "
+        "pools often carry. The device plugin's pods get it from the ExtendedResourceToleration admission plugin "
+        "where the cluster enables it; under placement dra slmpack adds it, since claims are not extended "
+        "resources.")
+    runtime_class_name: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="The RuntimeClass of the pods, e.g. nvidia where the NVIDIA runtime is not the default.")
+    priority_class_name: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN, description="The PriorityClass of the pods.")
+    node_affinity: list[NodeSelectorRequirement] = Field(
+        default_factory=list, description="More node affinity expressions that the node must match, with the "
+        "GPU's own (all must hold).")
+    image_pull_secrets: list[Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)]] = Field(
+        default_factory=list, description="Secrets in this namespace for pulling the engine image.")
 
 
 class Workload(Model):
@@ -268,6 +405,10 @@ class ProfilingSpec(Model):
     min_repeats: int = Field(3, ge=2, le=20, description="Runs of each replica count, at least.")
     max_repeats: int = Field(5, ge=2, le=50, description="Runs of each replica count, at most, "
                              "when the spread stays wider than precisionPercent.")
+    replication_budget_seconds: int = Field(
+        0, ge=0, le=86400, description="Stop the replica counts' runs after this many seconds once every count has "
+        "minRepeats runs, even if their intervals are wider than precisionPercent (busy machines); the profile "
+        "says so. 0 runs to maxRepeats.")
 
 
 class ResourceSpec(Model):
@@ -296,6 +437,81 @@ class AutoscalingSpec(Model):
     scale_in_cooldown_seconds: int = Field(
         300, ge=0, le=86400, description="How long after the last scaling a replica may be removed.")
     period_seconds: int = Field(15, ge=5, le=3600, description="How often the engines' metrics are read.")
+
+
+class RoutingMode(StrEnum):
+    router = "router"
+    service = "service"
+    inference_pool = "inferencePool"
+
+
+class EndpointPickerRef(Model):
+    """The endpoint picker (the Gateway API Inference Extension's EPP) that the cluster's gateway asks."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="The picker's Service, in the deployment's namespace.")
+    port: int = Field(9002, ge=1, le=65535, description="The picker's Service port (its gRPC ext-proc port).")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the gateway does when the picker does not answer: FailClose refuses the "
+        "request, FailOpen sends it to any replica.")
+
+
+class RoutingSpec(Model):
+    """How requests reach the replicas."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.mode != 'inferencePool' || has(self.endpointPickerRef)",
+         "spec.routing.mode inferencePool needs spec.routing.endpointPickerRef: name the endpoint picker's Service")))
+
+    mode: RoutingMode = Field(
+        RoutingMode.router,
+        description="router: each request goes to the replica with the fewest in flight, none ever holds more than "
+        "its --max-num-seqs, and the rest wait in a bounded queue at the router (HAProxy) behind the deployment's "
+        "Service. service: the Service reaches the replicas directly, balancing connections, not requests. "
+        "inferencePool: the Service reaches the replicas directly, and an InferencePool "
+        "(inference.networking.k8s.io/v1) over them lets the cluster's gateway and its endpoint picker route.")
+    queue_length: int = Field(
+        128, ge=0, le=100_000,
+        description="With mode router: the most requests that wait at the router while every replica is at its "
+        "--max-num-seqs; one more is refused with 429 and Retry-After.")
+    queue_wait_seconds: int = Field(
+        30, ge=1, le=3600,
+        description="With mode router: how long a request may wait for a free replica before it is refused with "
+        "503 and Retry-After.")
+    router_replicas: int = Field(
+        2, ge=1, le=16,
+        description="With mode router: router pods. Each sends an engine at most --max-num-seqs / routerReplicas "
+        "requests (at least one), so together they never exceed the engine's cap.")
+    endpoint_picker_ref: EndpointPickerRef | None = Field(
+        None, description="With mode inferencePool: the endpoint picker the gateway asks (required there).")
+
+
+class LabelSelector(Model):
+    """Labels to select by, as matchLabels: every one must match."""
+
+    match_labels: dict[Annotated[str, Field(pattern=QUALIFIED_NAME)],
+                       Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
+        default_factory=dict, description="Labels that must all match; empty selects all.")
+
+
+class NetworkPolicyPeer(Model):
+    """Pods allowed to reach the engines: those matching podSelector in the namespaces matching
+    namespaceSelector (the deployment's own namespace when namespaceSelector is unset)."""
+
+    namespace_selector: LabelSelector | None = Field(
+        None, description="The namespaces, by their labels (every namespace carries kubernetes.io/metadata.name "
+        "from Kubernetes 1.21). Unset: the deployment's namespace.")
+    pod_selector: LabelSelector | None = Field(None, description="The pods, by their labels. Unset: every pod of "
+                                               "those namespaces.")
+
+
+class NetworkPolicySpec(Model):
+    """Who may reach the engine pods' port."""
+
+    allow_from: list[NetworkPolicyPeer] = Field(
+        default_factory=list, max_length=32,
+        description="The peers allowed to reach the engines (your clients, a router, Prometheus). Empty: only the "
+        "operator, which reads the engines' /metrics for the autoscaler.")
 
 
 # ---------------------------------------------------------------- conditions
@@ -333,8 +549,11 @@ class SLMDeploymentSpec(Model):
     )
     placement: Placement = Field(
         Placement.device_plugin,
-        description="How the GPU is claimed: device-plugin (shared nvidia.com/gpu resource) or dra "
-        "(one ResourceClaim per pack, Kubernetes ≥ 1.32 with the NVIDIA DRA driver).",
+        description="How the GPU is claimed: device-plugin (shared nvidia.com/gpu resource), dra "
+        "(one ResourceClaim per pack, Kubernetes ≥ 1.32 with the NVIDIA DRA driver), or pack-pod (one pod per "
+        "pack holds one whole GPU, nvidia.com/gpu: 1 on a node whose device plugin shares nothing, and runs the "
+        "pack's engines under its own supervisor and, with sharing mps, its own MPS daemon: no cluster-wide "
+        "GPU sharing to set up).",
     )
     replicas: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = Field(
         "auto", description="auto sizes the replicas per GPU from the profile; a number fixes it and skips profiling."
@@ -350,7 +569,20 @@ class SLMDeploymentSpec(Model):
         None, description="GPU-aware autoscaling between minPacks and maxPacks. Unset means spec.packs packs, "
         "each full.")
     port: int = Field(8000, ge=1024, le=65535, description="The port the engine serves its OpenAI API on.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None, description="A Secret's key that holds the API key: every engine replica then refuses requests to "
+        "/v1 without `Authorization: Bearer <key>` (vLLM's VLLM_API_KEY; /health and /metrics stay open, as vLLM "
+        "leaves them). The key reaches the engines from the Secret alone, never the profile or the Events. Unset: "
+        "anyone who reaches the Service may use the model.")
+    network_policy: NetworkPolicySpec | None = Field(
+        None, description="A NetworkPolicy for the engine pods: only the peers listed, and the operator, reach their "
+        "port. Enforced only where the cluster's network plugin enforces NetworkPolicy. Unset: none is written.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="CPU and memory per replica.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Tolerations, runtime and "
+                                       "priority class, node affinity and image pull secrets of the engines and "
+                                       "the profiling Job.")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="How requests reach the replicas: "
+                                 "by load through a router (the default), or through the plain Service.")
 
 
 class Phase(StrEnum):
@@ -392,6 +624,8 @@ class Plan(Model):
     predicted_throughput_tokens_per_s: float | None = Field(None, description="Predicted aggregate output tokens/s.")
     predicted_p99_itl_ms: float | None = Field(None, description="Predicted p99 inter-token latency.")
     energy_per_token_joules: float | None = Field(None, description="Measured J per output token, when measured.")
+    slo_miss: str | None = Field(None, description="Why the SLO is out of reach at this plan, with the numbers; "
+                                 "null when the plan meets it or none is set.")
     explanation: str = Field("", description="Why this plan, in a sentence or two.")
 
 
@@ -433,7 +667,8 @@ class SLMDeploymentStatus(Model):
     phase: Phase = Field(Phase.pending, description="A one-word summary derived from the conditions.")
     profiling_phase: ProfilingPhase | None = Field(None, description="Where profiling stands, while it runs.")
     conditions: list[Condition] = Field(default_factory=list,
-                                        description="ProfileReady, Placed, Available, OneGPU, InvalidSpec.")
+                                        description="ProfileReady, Placed, Available, OneGPU, InvalidSpec, and "
+                                        "MetricsAvailable with spec.autoscaling.")
     observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
     profile: str | None = Field(None, description="The name of the SLMProfile in use.")
     plan: Plan | None = Field(None, description="The chosen plan.")
@@ -474,7 +709,8 @@ class ProfileConditions(Model):
     sharing: Sharing | None = Field(None, description="How co-located replicas share the GPU: mps or time-slicing.")
     sharing_slots: int | None = Field(None, description="Pods the device plugin lets share one GPU (R); under "
                                       "plugin MPS each gets 1/R of the SMs and memory.")
-    cpu_kv_cache_space_gib: int | None = Field(None, description="With device cpu: the KV cache per replica.")
+    cpu_kv_cache_space_gib: int | None = Field(None, description="With device cpu: the KV cache of a pack, shared "
+                                               "equally by its replicas.")
     workload: Workload = Field(default_factory=Workload, description="The request shape.")
 
     def key(self) -> str:
@@ -536,6 +772,8 @@ class Knee(Model):
     batch_size: int = Field(..., description="The knee batch size.")
     rule: str = Field(..., description="The rule that chose it, with its parameters.")
     reason: str = Field("", description="Why the next larger batch was not taken.")
+    slo_met: bool = Field(True, description="False when no probed batch meets the SLO: the knee is then the "
+                          "smallest batch, which breaks it.")
     throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s at the knee.")
     request_throughput_per_s: float | None = Field(None, description="Requests/s at the knee.")
     mean_itl_ms: float | None = Field(None, description="Mean ITL at the knee.")
@@ -548,9 +786,15 @@ class ReplicationPoint(Model):
     """k co-located replicas under the offered load every k faces, run several times."""
 
     replicas: int = Field(..., description="Co-located replicas.")
-    batch_size_per_replica: int = Field(..., description="Concurrency sent to each replica (its --max-num-seqs).")
-    offered_concurrency: int | None = Field(None, description="Concurrent clients in all, the same for every k.")
+    batch_size_per_replica: int = Field(..., description="The most requests each replica ran at once (its "
+                                        "--max-num-seqs, the knee), the same for every k.")
+    offered_concurrency: int | None = Field(None, description="Concurrent clients in all, the same for every k, "
+                                            "enough to hold every replica of the largest k at its batch.")
     runs_tokens_per_s: list[float] = Field(default_factory=list, description="Aggregate output tokens/s, per run.")
+    requests_per_run: int | None = Field(None, description="Requests measured in each run, the same for every "
+                                         "count: three windows of the offered load.")
+    run_positions: list[int] = Field(default_factory=list, description="Where each run fell in the profile's sequence "
+                                     "of replication runs (0 first): the counts interleave so that drift cancels.")
     throughput_spread: Spread | None = Field(None, description="Mean, spread and interval of the runs.")
     aggregate_throughput_tokens_per_s: float | None = Field(None, description="Output tokens/s, all replicas: "
                                                             "the mean of the runs.")
@@ -562,6 +806,11 @@ class ReplicationPoint(Model):
     idle_power_watts: float | None = Field(None, description="GPU power with the replicas idle.")
     cpu_threads_per_replica: int | None = Field(None, description="With device cpu: the OpenMP threads each "
                                                 "replica ran with (unbound), as the deployment runs them.")
+    kv_cache_memory_bytes: int | None = Field(None, description="Each replica's KV cache (--kv-cache-memory-bytes): "
+                                              "the same total for every k.")
+    memory_share: float | None = Field(None, description="With device gpu: each replica's share of the GPU's memory "
+                                       "(--gpu-memory-utilization).")
+    mps_active_thread_percentage: int | None = Field(None, description="Under MPS: each replica's share of the SMs.")
     error: str | None = Field(None, description="Why the point failed, when it did.")
 
 
@@ -569,12 +818,20 @@ class ReplicationDecision(Model):
     """The best k > 1 against one replica at the same offered load, and whether its gain is significant."""
 
     replicas: int = Field(..., description="The replicas decided on.")
-    best_candidate: int | None = Field(None, description="The k > 1 with the highest mean throughput.")
+    best_candidate: int | None = Field(None, description="The k > 1 the numbers are for: the one chosen, or the "
+                                       "highest mean when none is significant.")
     ratio: float | None = Field(None, description="Its mean throughput over one replica's.")
-    ratio_ci_low: float | None = Field(None, description="The ratio's one-sided lower bound at that confidence: "
-                                       "above 1 exactly when the gain is significant.")
-    ratio_ci_high: float | None = Field(None, description="The ratio's one-sided upper bound at that confidence.")
+    ratio_ci_low: float | None = Field(None, description="Fieller's one-sided lower bound of the ratio at "
+                                       "boundsConfidencePercent: above 1 exactly when the gain is significant.")
+    ratio_ci_high: float | None = Field(None, description="Fieller's one-sided upper bound of the ratio at "
+                                        "boundsConfidencePercent; null when unbounded.")
     p_value: float | None = Field(None, description="Welch's one-sided t-test of its runs against one replica's.")
+    p_value_adjusted: float | None = Field(None, description="Its p-value after Holm's correction over the counts "
+                                           "tried: significant exactly when below 1 - confidence.")
+    candidates_tested: int | None = Field(None, description="How many k > 1 were tested against one replica.")
+    runs_tested: int | None = Field(None, description="The fixed number of each count's first runs the test used.")
+    bounds_confidence_percent: float | None = Field(None, description="The confidence of the ratio's bounds: the "
+                                                    "level its Holm step tested it at.")
     confidence_percent: int = Field(95, description="The confidence the gain had to reach.")
     significant: bool = Field(False, description="Whether the gain is significant at that confidence.")
     explanation: str = Field("", description="Why, with the numbers.")
@@ -634,7 +891,11 @@ class SLMProfileStatus(Model):
     sweep: SweepInfo | None = Field(None, description="How the sweep ran.")
     points: list[ProfilePoint] = Field(default_factory=list, description="The measured curve.")
     knee: Knee | None = Field(None, description="The knee.")
-    replication: list[ReplicationPoint] = Field(default_factory=list, description="k = 1..kmax measured.")
+    replication_stop: str | None = Field(None, description="Why the replica counts' runs stopped: Precise (every "
+                                         "interval within precisionPercent), MaxRepeats, or TimeBudget "
+                                         "(replicationBudgetSeconds ran out after minRepeats runs each).")
+    replication: list[ReplicationPoint] = Field(default_factory=list, description="k = 1..kmax measured, at the "
+                                                "knee of each SLO the profile serves (batchSizePerReplica).")
     memory: MemoryFootprint | None = Field(None, description="The per-replica memory model.")
     recommended_replicas: int | None = Field(None, description="The k with the highest throughput within the SLO.")
     replication_gain_percent: float | None = Field(

@@ -36,25 +36,66 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes.utils import parse_quantity
 from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
 
-from slmpack import API_GROUP, API_VERSION, GPU_UUIDS_ANNOTATION
-from slmpack.adapters.engine_metrics import EngineMetrics
+from slmpack import API_GROUP, API_VERSION
+from slmpack.adapters.engine_metrics import EngineMetricsReader
 from slmpack.adapters.kube import Conflict, Kube, load_config
-from slmpack.api.models import SLMDeploymentStatus
+from slmpack.api.models import DEFAULT_CPU_ENGINE_IMAGE, DEFAULT_ENGINE_IMAGE, AutoscalingSpec, SLMDeploymentStatus
+from slmpack.controller.gpu_assignments import GpuAssignments
 from slmpack.controller.leader import LeaderElection
 from slmpack.controller.workqueue import Retry, WorkQueue, work
 from slmpack.core import conditions as cond
 from slmpack.core import dra
 from slmpack.core.decide import ClusterSnapshot, Decision, ProfilingJob, decide, with_status
-from slmpack.core.manifests import DEPLOYMENT_LABEL, PROFILE_LABEL, label_value, selector_labels
-from slmpack.core.validation import GPUNode
+from slmpack.core.manifests import (
+    DEFAULT_ENGINE_UID,
+    DEPLOYMENT_LABEL,
+    DISRUPTION_BUDGET_API_VERSION,
+    POD_WATCH_SELECTOR,
+    PROFILE_LABEL,
+    EngineImages,
+    engine_uid_setting,
+    label_value,
+    network_policy_peer,
+    selector_labels,
+)
+from slmpack.core.router import (
+    DEFAULT_AGENT_IMAGE,
+    DEFAULT_ROUTER_IMAGE,
+    ROUTER_CLUSTER_ROLE,
+    ROUTER_LABEL,
+    RouterImages,
+)
+from slmpack.core.router import METRICS_PORT as ROUTER_METRICS_PORT
+from slmpack.core.validation import GPUNode, HostPathPolicy
 
 PROFILER_CLUSTER_ROLE = os.environ.get("SLMPACK_PROFILER_CLUSTER_ROLE", "slmpack-profiler")
-# "NAMESPACE/NAME" of the Lease that elects the acting replica; unset runs without election.
+# What the routers run (HAProxy, and the agent: this operator's image) and the ClusterRole bound to them.
+ROUTER_IMAGES = RouterImages(os.environ.get("SLMPACK_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
+                             os.environ.get("SLMPACK_ROUTER_AGENT_IMAGE", DEFAULT_AGENT_IMAGE))
+ROUTER_ROLE = os.environ.get("SLMPACK_ROUTER_CLUSTER_ROLE", ROUTER_CLUSTER_ROLE)
+# "NAMESPACE/NAME" of the Lease that elects the acting replica (the chart always sets it); unset runs
+# without election, for an operator run by hand next to no other.
 LEADER_LEASE = os.environ.get("SLMPACK_LEADER_ELECTION_LEASE", "")
+# The node directories deployments may mount (the chart's hostPaths.modelPrefixes, `:`-separated, and
+# exporter.engineCacheHostPath), read when the operator starts; unset allows none.
+MODEL_HOST_PATH_PREFIXES_ENV = "SLMPACK_MODEL_HOST_PATH_PREFIXES"
+ENGINE_CACHE_HOST_PATH_ENV = "SLMPACK_ENGINE_CACHE_HOST_PATH"
 # Reconciles at once (of different deployments). They mostly wait on the apiserver, so they run
 # in threads of their own, not in the event loop's small default pool.
 WORKERS = int(os.environ.get("SLMPACK_WORKERS", "16"))
+# The namespace where the nodes' exporters publish which GPUs each engine pod got (the release's);
+# read at startup. Unset: the replicas' GPUs are not known.
+GPU_ASSIGNMENTS_NAMESPACE = "SLMPACK_GPU_ASSIGNMENTS_NAMESPACE"
+# The engine images of deployments that name none (the chart's engine.image and engine.cpuImage).
+ENGINE_IMAGE_ENV = "SLMPACK_ENGINE_IMAGE"
+CPU_ENGINE_IMAGE_ENV = "SLMPACK_CPU_ENGINE_IMAGE"
+# The UID and GID of the engines and profilers (the chart's engine.uid); unset is the images' own, 10001.
+ENGINE_UID_ENV = "SLMPACK_ENGINE_UID"
+# Where the operator's own pods run and their labels ("k=v,k=v"), for the engines' NetworkPolicy to admit them.
+OPERATOR_NAMESPACE_ENV = "SLMPACK_OPERATOR_NAMESPACE"
+OPERATOR_POD_LABELS_ENV = "SLMPACK_OPERATOR_POD_LABELS"
 # A decision that creates the profile needs its uid for the Job: decide again after creating, a few times at most.
 MAX_ROUNDS = 3
 # While a profile is measured, look again now and then even if no event comes (a missed watch event).
@@ -78,6 +119,29 @@ PROFILING_SECONDS = Histogram("slmpack_operator_profiling_duration_seconds",
                               buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200))
 
 log = logging.getLogger(__name__)
+
+# The label selectors the apiserver filters the watches by. kopf's `labels=` on a handler filters on the
+# client, after every object of the kind crossed the wire and was parsed; these make the LIST and WATCH
+# themselves selective (kopf's settings.watching.label_selectors), so the operator holds and parses
+# slmpack's objects only, however many others the cluster runs. One selector per resource, so every pod
+# the operator follows carries one common label (core/manifests.py).
+WATCH_LABEL_SELECTORS = {
+    ("", "v1", "pods"): POD_WATCH_SELECTOR,
+    ("apps", "v1", "statefulsets"): DEPLOYMENT_LABEL,
+    ("apps", "v1", "deployments"): DEPLOYMENT_LABEL,  # the routers
+    ("", "v1", "services"): DEPLOYMENT_LABEL,
+    ("batch", "v1", "jobs"): PROFILE_LABEL,
+    ("networking.k8s.io", "v1", "networkpolicies"): DEPLOYMENT_LABEL,
+    ("policy", "poddisruptionbudgets"): DEPLOYMENT_LABEL,
+}
+# Initial lists come in pages of this many objects, never all at once.
+LIST_CHUNK_SIZE = 500
+
+
+def watch_selectively(settings: kopf.OperatorSettings) -> None:
+    for resource, selector in WATCH_LABEL_SELECTORS.items():
+        settings.watching.label_selectors[resource] = selector
+    settings.watching.chunk_size = LIST_CHUNK_SIZE
 
 
 # ---------------------------------------------------------------- the watch caches (kopf indices)
@@ -128,7 +192,9 @@ async def node_index(body, spec, **_):
 
 # The children the operator follows, to skip applying what did not change: a StatefulSet by its
 # generation (its status changes with every replica), a Service by its resourceVersion.
-CHILD_VERSIONS = {"StatefulSet": ("statefulset_index", "generation"), "Service": ("service_index", "resourceVersion")}
+CHILD_VERSIONS = {"StatefulSet": ("statefulset_index", "generation"), "Service": ("service_index", "resourceVersion"),
+                  "PodDisruptionBudget": ("engine_policy_index", "generation"),
+                  "NetworkPolicy": ("engine_policy_index", "generation")}
 
 
 @kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
@@ -141,11 +207,56 @@ async def service_index(namespace, name, meta, **_):
     return {("Service", namespace, name): meta.get("resourceVersion")}
 
 
+# The disruption budget in the version the apiserver prefers (policy/v1beta1 before Kubernetes 1.21).
+@kopf.index("policy", None, "poddisruptionbudgets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def engine_policy_index(namespace, name, meta, body, **_):
+    return {(body["kind"], namespace, name): meta.get("generation")}
+
+
 @kopf.index("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-async def packs_by_deployment(namespace, name, uid, labels, **_):
-    """The packs' StatefulSets of each deployment: one no longer wanted is deleted."""
-    return {(namespace, labels[DEPLOYMENT_LABEL]): {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                                    "metadata": {"name": name, "namespace": namespace, "uid": uid}}}
+async def packs_by_deployment(namespace, name, uid, labels, meta, spec, **_):
+    """The packs' StatefulSets of each deployment: one no longer wanted is deleted; one kept keeps its
+    (immutable) pod management policy."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "ownerReferences": owners(meta)},
+        "spec": {"podManagementPolicy": spec.get("podManagementPolicy")}}}
+
+
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def network_policies_by_deployment(namespace, name, uid, labels, meta, **_):
+    """The engines' NetworkPolicy of each deployment: deleted when spec.networkPolicy is removed."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "ownerReferences": owners(meta)}}}
+
+
+def owners(meta) -> list[dict]:
+    """The owner references, so that only what a deployment controls is deleted as its child."""
+    return json.loads(json.dumps(list(meta.get("ownerReferences") or [])))
+
+
+@kopf.index("apps", "v1", "deployments", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def routers_by_deployment(namespace, labels, status, **_):
+    """The ready router pods of each deployment: its Service selects them once there is one."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): status.get("readyReplicas") or 0}
+
+
+@kopf.index("apps", "v1", "deployments", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+async def router_deployments(namespace, name, uid, labels, meta, **_):
+    """The router Deployment of each deployment: deleted once its spec.routing leaves router mode."""
+    return {(namespace, labels[DEPLOYMENT_LABEL]): {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": name, "namespace": namespace, "uid": uid, "ownerReferences": owners(meta)}}}
+
+
+@kopf.index("", "v1", "pods", labels={ROUTER_LABEL: kopf.PRESENT})
+async def router_pod_index(namespace, name, labels, status, **_):
+    """The ready router pods of each deployment and their IPs, where the autoscaler reads the router's queue."""
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    if not ready or not status.get("podIP"):
+        return None
+    return {(namespace, labels[ROUTER_LABEL]): (name, status["podIP"])}
 
 
 @kopf.index("", "v1", "pods", labels={PROFILE_LABEL: kopf.PRESENT, "job-name": kopf.PRESENT})
@@ -177,10 +288,10 @@ def replica_state(pod: dict) -> cond.ReplicaState:
     status, meta = pod.get("status") or {}, pod["metadata"]
     statuses = status.get("containerStatuses") or []
     engine = next((s for s in statuses if s.get("name") == "engine"), statuses[0] if statuses else None)
-    uuids = (meta.get("annotations") or {}).get(GPU_UUIDS_ANNOTATION, "")
     spec = pod.get("spec") or {}
-    where = {"node": spec.get("nodeName"), "ip": status.get("podIP"),
-             "gpu_uuids": tuple(u.strip() for u in uuids.split(",") if u.strip()),
+    port = (meta.get("annotations") or {}).get("prometheus.io/port", "")
+    where = {"node": spec.get("nodeName"), "ip": status.get("podIP"), "uid": meta.get("uid", ""),
+             "metrics_port": int(port) if port.isdigit() else None,
              "claims": tuple(c["resourceClaimName"] for c in spec.get("resourceClaims") or []
                              if c.get("resourceClaimName"))}
     if engine is None:
@@ -195,7 +306,8 @@ def replica_state(pod: dict) -> cond.ReplicaState:
 def gpu_node(node: dict) -> GPUNode:
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     return GPUNode(name=node["metadata"]["name"], labels=dict(node["metadata"].get("labels") or {}),
-                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()})
+                   allocatable={k: int(parse_quantity(v)) for k, v in allocatable.items()},
+                   taints=list((node.get("spec") or {}).get("taints") or []))
 
 
 # ---------------------------------------------------------------- the controller
@@ -221,15 +333,36 @@ class Controller:
     written: dict[Key, str] = field(default_factory=dict)
     # (profile uid, deployment uid) pairs this operator added as profile users.
     users_added: set[tuple[str, str]] = field(default_factory=set)
-    engines: EngineMetrics = field(default_factory=EngineMetrics)
+    # The engines' load, read in the background: a reconcile takes the latest readings, never waits on an engine.
+    engines: EngineMetricsReader = field(default_factory=EngineMetricsReader)
+    gpus: GpuAssignments | None = None
+    host_paths: HostPathPolicy = field(default_factory=HostPathPolicy)
+    # The NetworkPolicy peer of the operator's own pods, when the chart tells where they run.
+    operator_peer: dict | None = None
+    disruption_budget_api_version: str = DISRUPTION_BUDGET_API_VERSION
+    engine_images: EngineImages = field(default_factory=EngineImages)
+    engine_uid: int = DEFAULT_ENGINE_UID
 
     def start(self) -> None:
         may_work = self.leader.wait_to_lead if self.leader else None
         self.tasks = [asyncio.create_task(work(self.queue, self.reconcile, may_work)) for _ in range(WORKERS)]
+        self.engines.on_first_reading = self.queue.add
+        self.tasks.append(asyncio.create_task(self.engines.run()))
         if self.leader:
             self.tasks.append(asyncio.create_task(self.leader.run()))
+        if self.gpus:
+            self.gpus.start(asyncio.get_running_loop())
+
+    def gpus_changed(self, uids: set[str]) -> None:
+        """Reconcile the deployments whose pods got other GPUs (or none) in the exporters' assignments."""
+        for key, replicas in self.indices["pod_index"].items():
+            if any(replica.uid in uids for replica in replicas):
+                for name in self.all("deployments_by_label", key):
+                    self.queue.add((key[0], name))
 
     async def stop(self) -> None:
+        if self.gpus:
+            self.gpus.stop()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -253,18 +386,40 @@ class Controller:
             profiles=self.all("profile_index", namespace),
             jobs=tuple(profiling_job(j, self.all("profiler_pod_index", (namespace, j["metadata"]["name"])))
                        for j in self.all("job_index", namespace)),
-            pods=self.all("pod_index", (namespace, label_value(name))),
+            pods=with_gpus(self.all("pod_index", (namespace, label_value(name))),
+                           self.gpus.by_uid if self.gpus else {}, self.gpus.running_by_uid if self.gpus else {}),
             statefulsets=self.all("packs_by_deployment", (namespace, label_value(name))),
+            routers_ready=sum(self.all("routers_by_deployment", (namespace, label_value(name)))),
+            router_pods=tuple(pod for pod, _ in self.all("router_pod_index", (namespace, label_value(name)))),
+            routers=self.all("router_deployments", (namespace, label_value(name))),
+            network_policies=self.all("network_policies_by_deployment", (namespace, label_value(name))),
+            operator_peer=self.operator_peer,
+            disruption_budget_api_version=self.disruption_budget_api_version,
         )
+
+    def with_engine_loads(self, key: Key, body: dict, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """With spec.autoscaling, the snapshot plus its engines' latest readings; the reader follows the
+        engines that are ready now."""
+        try:
+            policy = AutoscalingSpec.model_validate((body.get("spec") or {}).get("autoscaling"))
+        except ValidationError:  # off, or invalid: the decision says so
+            self.engines.forget(key)
+            return snapshot
+        routers = {pod: f"http://{ip}:{ROUTER_METRICS_PORT}/metrics"
+                   for pod, ip in self.all("router_pod_index", (key[0], label_value(key[1])))}
+        self.engines.follow(key, {**metrics_targets(body, snapshot), **routers}, policy.period_seconds)
+        loads, problems = self.engines.latest(key)
+        return replace(snapshot, engine_loads=loads, engine_problems=problems)
 
     # ---- one reconcile
 
     async def reconcile(self, key: Key) -> float | None:
         body = self.one("deployment_index", key)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            self.engines.forget(key)
             return None  # gone: its children go by garbage collection
         started = time.monotonic()
-        snapshot = self.snapshot(*key)
+        snapshot = self.with_engine_loads(key, body, self.snapshot(*key))
         try:
             decision, look_again = await asyncio.get_running_loop().run_in_executor(
                 self.threads, self.reconcile_once, body, snapshot)
@@ -292,10 +447,9 @@ class Controller:
         original, events = body, []
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
-        if (body.get("spec") or {}).get("autoscaling"):
-            snapshot = replace(snapshot, engine_loads=self.engines.loads(metrics_targets(body, snapshot)))
         for _ in range(MAX_ROUNDS):
-            decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE)
+            decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE, self.host_paths, ROUTER_IMAGES,
+                              ROUTER_ROLE, self.engine_images, self.engine_uid)
             created = self.act(decision)
             cache_behind = len(created) < len(decision.create)
             kinds = {obj["kind"] for obj in created}
@@ -345,6 +499,14 @@ class Controller:
                 self.kube.delete_statefulset(obj)
                 log.info("deleted %s %s/%s: its pack is no longer wanted", obj["kind"], obj["metadata"]["namespace"],
                          obj["metadata"]["name"])
+            elif obj["kind"] == "Deployment":
+                self.kube.delete_deployment(obj)
+                log.info("deleted router Deployment %s/%s: spec.routing left router mode",
+                         obj["metadata"]["namespace"], obj["metadata"]["name"])
+            elif obj["kind"] == "NetworkPolicy":
+                self.kube.delete_network_policy(obj)
+                log.info("deleted NetworkPolicy %s/%s: spec.networkPolicy is unset", obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
             elif self.kube.delete_unused_claim(obj):
                 log.info("deleted ResourceClaim %s/%s: no pod uses it", obj["metadata"]["namespace"],
                          obj["metadata"]["name"])
@@ -379,9 +541,18 @@ def with_dra(kube: Kube, snapshot: ClusterSnapshot, namespace: str, name: str) -
 
 
 def metrics_targets(body: dict, snapshot: ClusterSnapshot) -> dict[str, str]:
-    """Where each ready replica's engine serves /metrics."""
+    """Where each ready replica's engine serves /metrics: the port its pod names for scraping (a pack pod's
+    supervisor, which serves all its engines'), else the deployment's."""
     port = (body.get("spec") or {}).get("port", 8000)
-    return {p.name: f"http://{p.ip}:{port}/metrics" for p in snapshot.pods if p.ready and p.ip}
+    return {p.name: f"http://{p.ip}:{p.metrics_port or port}/metrics" for p in snapshot.pods if p.ready and p.ip}
+
+
+def with_gpus(replicas: tuple[cond.ReplicaState, ...], by_uid: dict[str, tuple[str, ...]],
+              running_by_uid: dict[str, tuple[str, ...]] | None = None) -> tuple:
+    """The replicas with the GPUs the exporters published for them: given, and where their processes run."""
+    running_by_uid = running_by_uid or {}
+    return tuple(replace(r, gpu_uuids=by_uid.get(r.uid, ()), running_gpu_uuids=running_by_uid.get(r.uid, ()))
+                 for r in replicas)
 
 
 def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnapshot:
@@ -395,6 +566,22 @@ def status_patch(status: SLMDeploymentStatus) -> dict:
     # Every known field is written, absent ones as None, so a merge patch also clears them.
     wire = status.to_wire()
     return {field.alias: wire.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()}
+
+
+def operator_peer(namespace: str, pod_labels: str) -> dict | None:
+    """The operator's pods as a NetworkPolicy peer: its namespace by the name label every namespace carries
+    from Kubernetes 1.21 (kubernetes.io/metadata.name), and its pods by their labels; None when unknown."""
+    if not namespace or not pod_labels:
+        return None
+    labels = dict(pair.split("=", 1) for pair in pod_labels.split(","))
+    return network_policy_peer({"kubernetes.io/metadata.name": namespace}, labels)
+
+
+def disruption_budget_version(kube: Kube) -> str:
+    """policy/v1 where the apiserver serves it (Kubernetes 1.21 on), policy/v1beta1 before."""
+    served = kube.served_versions("policy")
+    return DISRUPTION_BUDGET_API_VERSION if DISRUPTION_BUDGET_API_VERSION in served or not served \
+        else "policy/v1beta1"
 
 
 _controller: Controller | None = None
@@ -411,14 +598,44 @@ async def operator_startup(settings: kopf.OperatorSettings, **kwargs) -> None:
     global _controller
     settings.posting.level = logging.WARNING  # our own Events say what was decided
     settings.watching.server_timeout = 300
+    watch_selectively(settings)
     indices = {name: value for name, value in kwargs.items() if isinstance(value, kopf.Index)}
+    try:
+        host_paths = HostPathPolicy.from_settings(os.environ.get(MODEL_HOST_PATH_PREFIXES_ENV, ""),
+                                                  os.environ.get(ENGINE_CACHE_HOST_PATH_ENV, ""))
+    except ValueError as error:  # the admin's settings: no retry mends them, so the operator stops
+        raise kopf.PermanentError(f"{MODEL_HOST_PATH_PREFIXES_ENV}, {ENGINE_CACHE_HOST_PATH_ENV}: {error}") from None
+    try:
+        engine_uid = engine_uid_setting(os.environ.get(ENGINE_UID_ENV, ""))
+    except ValueError as error:
+        raise kopf.PermanentError(f"{ENGINE_UID_ENV}: {error}") from None
+    if engine_uid != DEFAULT_ENGINE_UID:
+        # An MPS server serves one UID at a time: a client of another UID waits until it exits.
+        log.warning("engines and profilers run as UID and GID %d, not %d: every MPS client of their GPUs, other "
+                    "workloads and DRA claims they share included, must run as that UID, or it waits behind them",
+                    engine_uid, DEFAULT_ENGINE_UID)
     kube = Kube(load_config(connections=WORKERS + 4))
     leader = None
     if LEADER_LEASE:
         namespace, _, name = LEADER_LEASE.partition("/")
         identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         leader = LeaderElection(kube, namespace, name, identity, on_lost=lambda: os._exit(1))
-    _controller = Controller(kube, indices, leader=leader)
+    else:
+        log.warning("SLMPACK_LEADER_ELECTION_LEASE is unset: acting without leader election, so no other "
+                    "operator may watch these namespaces")
+    _controller = Controller(kube, indices, leader=leader, host_paths=host_paths,
+                             operator_peer=operator_peer(os.environ.get(OPERATOR_NAMESPACE_ENV, ""),
+                                                         os.environ.get(OPERATOR_POD_LABELS_ENV, "")),
+                             disruption_budget_api_version=disruption_budget_version(kube), engine_uid=engine_uid,
+                             engine_images=EngineImages(gpu=os.environ.get(ENGINE_IMAGE_ENV) or DEFAULT_ENGINE_IMAGE,
+                                                        cpu=os.environ.get(CPU_ENGINE_IMAGE_ENV)
+                                                        or DEFAULT_CPU_ENGINE_IMAGE))
+    namespace = os.environ.get(GPU_ASSIGNMENTS_NAMESPACE)
+    if namespace:
+        _controller.gpus = GpuAssignments(kube, namespace, on_change=_controller.gpus_changed)
+    else:
+        log.warning("%s is not set: the replicas' GPUs are not known, and a pack split across GPUs is not seen",
+                    GPU_ASSIGNMENTS_NAMESPACE)
     _controller.start()
 
 
@@ -443,6 +660,9 @@ async def slmdeployment_event(namespace, name, meta, type, **_) -> None:
 @kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
 @kopf.on.event("apps", "v1", "statefulsets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "services", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.on.event("apps", "v1", "deployments", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.on.event("policy", None, "poddisruptionbudgets", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
 async def child_event(labels, namespace, **_) -> None:
     for name in controller().all("deployments_by_label", (namespace, labels[DEPLOYMENT_LABEL])):
         controller().queue.add((namespace, name))

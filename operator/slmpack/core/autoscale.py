@@ -1,13 +1,18 @@
 """The GPU-aware autoscaler's decision (pure): engine load in, replicas over all packs out.
 
 Load is what vLLM reports per replica: requests running plus requests waiting
-(`vllm:num_requests_running`, `vllm:num_requests_waiting`). A replica is "at its knee" when
-its load reaches `targetKneePercent` of the profile's knee batch. Packs fill in order
+(`vllm:num_requests_running`, `vllm:num_requests_waiting`), plus the requests queued at the
+deployment's routers (`haproxy_backend_current_queue`): the router caps every engine at its
+knee, so demand beyond it waits there, and a queue that lasts keeps the load above target.
+A replica is "at its knee" when its load reaches `targetKneePercent` of the profile's knee batch. Packs fill in order
 (core/packs.py), so the replica added lands in the last pack while that pack has a free
 slot; the plan sized every pack's memory for all its slots, so a free slot always has the
 memory. A new pack (another GPU) is taken only when every pack is full and at its knee.
 Scale-in waits for the cooldown and removes the highest replicas, which the StatefulSet
 drains (preStop) before the engine stops.
+
+An engine whose metrics could not be read, or read NaN or infinite, is a `MetricsProblem`: it
+counts as missing, and the MetricsAvailable condition names it and why.
 """
 
 from __future__ import annotations
@@ -35,6 +40,34 @@ class EngineLoad:
 
 
 @dataclass(frozen=True)
+class MetricsProblem:
+    """Why one replica's engine gave no load."""
+
+    pod: str
+    reason: str  # CamelCase: MetricsTimeout, MetricsTooLarge, NonFiniteMetric, MetricsStale...
+    message: str
+
+
+def finite_loads(loads: list[EngineLoad]) -> tuple[list[EngineLoad], list[MetricsProblem]]:
+    """The loads the autoscaler can count, and a problem for each that is NaN or infinite."""
+    counted = [e for e in loads if math.isfinite(e.load)]
+    refused = [MetricsProblem(e.pod, "NonFiniteMetric", f"its load (running {e.running:g} + waiting {e.waiting:g}) "
+                                                        "is not a finite number") for e in loads if e not in counted]
+    return counted, refused
+
+
+def metrics_condition(problems: list[MetricsProblem]) -> tuple[bool, str, str]:
+    """(status, reason, message) of the MetricsAvailable condition."""
+    if not problems:
+        return True, "EnginesRead", "every ready replica's engine reports a finite load within the read's deadline " \
+                                    "and body size limit"
+    problems = sorted(problems, key=lambda p: p.pod)
+    each = "; ".join(f"{p.pod}: {p.message} ({p.reason})" for p in problems)
+    return False, problems[0].reason, f"{len(problems)} replica(s) count as without metrics (idle against scaling " \
+                                      f"up, on target against scaling in): {each}"
+
+
+@dataclass(frozen=True)
 class ScalingDecision:
     replicas: int
     direction: str  # up | down | none
@@ -53,11 +86,13 @@ def bounds(policy: AutoscalingSpec, per_pack: int) -> tuple[int, int]:
 
 
 def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batch: int, pack_names: list[str],
-                 loads: list[EngineLoad], ready: int, last_scale: datetime | None, now: datetime) -> ScalingDecision:
+                 loads: list[EngineLoad], ready: int, last_scale: datetime | None, now: datetime,
+                 queued: float = 0.0) -> ScalingDecision:
     """How many replicas to run over all packs, and why.
 
     `current` replicas are laid out over `pack_names` in order; `loads` are the engines read
-    this time, `ready` the replicas that pass their readiness probe.
+    this time, `ready` the replicas that pass their readiness probe; `queued` the requests waiting
+    at the deployment's routers, which the engines, capped at their knee, do not see.
     """
     low, high = bounds(policy, per_pack)
     if not low <= current <= high:
@@ -66,14 +101,16 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
                                f"{current} replicas are outside {low}..{high} (minPacks {policy.min_packs}, "
                                f"maxPacks {policy.max_packs} of {per_pack} slots): {target} replicas")
     per_replica_target = knee_batch * policy.target_knee_percent / 100
-    total = sum(e.load for e in loads)
+    total = sum(e.load for e in loads) + queued
     mean = total / current
     # A replica that reported nothing (starting, or unschedulable) counts as idle against scaling up and as on
     # target against scaling in, as the HorizontalPodAutoscaler counts pods without metrics.
     missing = current - len(loads)
     at_most = min(max(math.ceil((total + missing * per_replica_target) / per_replica_target), low), high)
     tokens = sum(e.tokens_per_s or 0 for e in loads)
-    numbers = (f"load {total:g} requests (running + waiting) over {current} replicas = {mean:.1f} per replica, "
+    numbers = (f"load {total:g} requests (running + waiting" + (f", {queued:g} of them queued at the router"
+                                                                if queued else "")
+               + f") over {current} replicas = {mean:.1f} per replica, "
                f"target {per_replica_target:g} ({policy.target_knee_percent}% of knee batch {knee_batch}), "
                f"{tokens:.0f} tokens/s")
     wanted = min(max(math.ceil(total / per_replica_target), low), high)

@@ -15,6 +15,8 @@ PLACED = "Placed"
 AVAILABLE = "Available"
 INVALID_SPEC = "InvalidSpec"
 ONE_GPU = "OneGPU"
+SLO_MET = "SLOMet"
+METRICS_AVAILABLE = "MetricsAvailable"  # with spec.autoscaling: whether every engine's load could be read
 
 
 def set_condition(conditions: list[Condition], type_: str, status: bool | str, reason: str, message: str,
@@ -26,6 +28,10 @@ def set_condition(conditions: list[Condition], type_: str, status: bool | str, r
     updated = Condition(type=type_, status=status, reason=reason, message=message,
                         last_transition_time=changed_at, observed_generation=generation)
     return [c for c in conditions if c.type != type_] + [updated]
+
+
+def without_condition(conditions: list[Condition], type_: str) -> list[Condition]:
+    return [c for c in conditions if c.type != type_]
 
 
 def get_condition(conditions: list[Condition], type_: str) -> Condition | None:
@@ -43,7 +49,7 @@ def derive_phase(conditions: list[Condition]) -> Phase:
         return Phase.failed
     profile = get_condition(conditions, PROFILE_READY)
     if profile is not None and profile.status == "False":
-        return Phase.failed if profile.reason == "ProfilingFailed" else Phase.profiling
+        return Phase.failed if profile.reason in {"ProfilingFailed", "ProfileUnreadable"} else Phase.profiling
     one_gpu = get_condition(conditions, ONE_GPU)
     if one_gpu is not None and one_gpu.status == "False":
         return Phase.degraded
@@ -70,9 +76,12 @@ class ReplicaState:
     last_termination_reason: str | None = None  # e.g. OOMKilled, Error
     restarts: int = 0
     node: str | None = None  # the node it was scheduled to
-    gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, from slmpack.GPU_UUIDS_ANNOTATION
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, as the node's exporter publishes them
+    running_gpu_uuids: tuple[str, ...] = ()  # the GPUs its processes run on (NVML), where the exporter sees them
     claims: tuple[str, ...] = ()  # the ResourceClaims it names (DRA placement)
     ip: str | None = None  # the pod's IP, where the autoscaler reads its engine's /metrics
+    uid: str = ""  # the pod's UID, which names it in the exporters' GPU assignments
+    metrics_port: int | None = None  # where the pod is scraped (prometheus.io/port): a pack pod's supervisor
 
 
 FAILING_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull",

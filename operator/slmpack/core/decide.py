@@ -13,20 +13,32 @@ the same snapshot asks for the same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+
+from pydantic import ValidationError
 
 from slmpack.api.models import (
     AutoscalingStatus,
     Device,
     Placement,
     ReplicaGPU,
+    RoutingMode,
     SLMDeploymentSpec,
     SLMDeploymentStatus,
     SLMProfileStatus,
 )
 from slmpack.core import conditions as cond
-from slmpack.core.autoscale import EngineLoad, ScalingDecision, bounds, decide_scale
+from slmpack.core.autoscale import (
+    EngineLoad,
+    MetricsProblem,
+    ScalingDecision,
+    bounds,
+    decide_scale,
+    finite_loads,
+    metrics_condition,
+)
 from slmpack.core.dra import (
     DraTarget,
     DraUnavailable,
@@ -34,19 +46,30 @@ from slmpack.core.dra import (
     build_resource_claim,
     choose_device,
     claims_to_delete,
+    devices_from_slices,
     pack_claim,
     profiling_claim_template_name,
+    resolve_gpu_ids,
 )
+from slmpack.core.gpu_assignments import DRA_PREFIX
 from slmpack.core.manifests import (
+    DEFAULT_ENGINE_UID,
+    DISRUPTION_BUDGET_API_VERSION,
     MANAGED_BY,
     PROFILE_KEY_LABEL,
     PROFILE_LABEL,
+    EngineImages,
     Owner,
+    build_disruption_budget,
+    build_network_policy,
+    build_pack_pod,
     build_profile,
     build_profiler_access,
     build_profiling_job,
     build_service,
     build_statefulset,
+    controlled_by,
+    extension_job_name,
     label_value,
     pack_name,
     profile_conditions,
@@ -54,15 +77,39 @@ from slmpack.core.manifests import (
     selector_labels,
     service_endpoint,
 )
-from slmpack.core.packs import assign_nodes, in_pack, layout, pack_status, packs_for, pinned
+from slmpack.core.packs import assign_nodes, in_pack, layout, pack_status, packs_for, pinned, ready_engines
 from slmpack.core.planner import plan
-from slmpack.core.validation import GPUNode, InvalidSpec, NoMatchingNode, choose_node, parse_spec, spec_problems
+from slmpack.core.replication import missing_measurements
+from slmpack.core.router import (
+    DEFAULT_IMAGES,
+    ROUTER_CLUSTER_ROLE,
+    RouterImages,
+    build_engines_service,
+    build_inference_pool,
+    build_router,
+    build_router_access,
+    build_router_config,
+    build_router_disruption_budget,
+    router_selector,
+)
+from slmpack.core.validation import (
+    NO_HOST_PATHS,
+    GPUNode,
+    HostPathPolicy,
+    InvalidSpec,
+    NoMatchingNode,
+    choose_node,
+    host_path_problems,
+    parse_spec,
+    spec_problems,
+)
 
 # How long to wait before looking for a matching GPU node again.
 NODE_RETRY_SECONDS = 30
 # The profiler writes its result before it exits, but the profile's watch may lag the Job's.
 RESULT_GRACE_SECONDS = 30
 DEFAULT_PROFILER_CLUSTER_ROLE = "slmpack-profiler"
+DEFAULT_ENGINE_IMAGES = EngineImages()
 
 
 def measured_under(spec: SLMDeploymentSpec, node: GPUNode):
@@ -101,8 +148,23 @@ class ClusterSnapshot:
     resource_claims: tuple[dict, ...] = ()
     # The deployment's StatefulSets (one per pack), as the API returns them: a pack no longer wanted is deleted.
     statefulsets: tuple[dict, ...] = ()
-    # With spec.autoscaling: the engines' load, read from each replica's /metrics.
+    # With spec.autoscaling: the engines' load, read from each replica's /metrics, and why some gave none.
     engine_loads: tuple[EngineLoad, ...] = ()
+    engine_problems: tuple[MetricsProblem, ...] = ()
+    # The deployment's router pods, whose readings among engine_loads are the requests queued at them.
+    router_pods: tuple[str, ...] = ()
+    # With spec.routing.mode router: the router pods that are ready. The deployment's Service reaches the
+    # engines directly until one is, so clients never meet a Service without endpoints (a new deployment,
+    # or one from before the router).
+    routers_ready: int = 0
+    # The deployment's router Deployments, as the API returns them: deleted once spec.routing leaves router mode.
+    routers: tuple[dict, ...] = ()
+    # The deployment's NetworkPolicies, as the API returns them: one no longer wanted is deleted.
+    network_policies: tuple[dict, ...] = ()
+    # The NetworkPolicy peer that selects the operator's own pods, which read the engines' /metrics.
+    operator_peer: dict | None = None
+    # The PodDisruptionBudget version the apiserver serves (policy/v1beta1 before Kubernetes 1.21).
+    disruption_budget_api_version: str = DISRUPTION_BUDGET_API_VERSION
 
 
 @dataclass(frozen=True)
@@ -139,11 +201,24 @@ class Decision:
     profiling_seconds: float | None = None
 
 
+def with_dra_uuids(cluster: ClusterSnapshot) -> ClusterSnapshot:
+    """The snapshot with the GPUs a DRA driver allocated (as the exporters publish them) named by UUID."""
+    if not any(i.startswith(DRA_PREFIX) for pod in cluster.pods for i in pod.gpu_uuids):
+        return cluster
+    devices = devices_from_slices(cluster.resource_slices)
+    return replace(cluster, pods=tuple(replace(pod, gpu_uuids=resolve_gpu_ids(pod.gpu_uuids, devices))
+                                       for pod in cluster.pods))
+
+
 class _Decider:
     """One decision; collects conditions and Events as it goes."""
 
-    def __init__(self, deployment: dict, cluster: ClusterSnapshot, now: datetime, profiler_cluster_role: str):
-        self.cluster, self.now, self.profiler_cluster_role = cluster, now, profiler_cluster_role
+    def __init__(self, deployment: dict, cluster: ClusterSnapshot, now: datetime, profiler_cluster_role: str,
+                 host_paths: HostPathPolicy, router_images: RouterImages = DEFAULT_IMAGES,
+                 router_cluster_role: str = ROUTER_CLUSTER_ROLE):
+        self.cluster, self.now, self.profiler_cluster_role = with_dra_uuids(cluster), now, profiler_cluster_role
+        self.host_paths = host_paths
+        self.router_images, self.router_cluster_role = router_images, router_cluster_role
         self.meta = deployment["metadata"]
         self.namespace, self.name = self.meta["namespace"], self.meta["name"]
         self.generation = self.meta.get("generation")
@@ -155,6 +230,8 @@ class _Decider:
         self.news_when_new: dict[str, bool] = {}
         self.raw_spec = deployment.get("spec") or {}
         self.dra: DraTarget | None = None
+        self.engine_images = EngineImages()
+        self.engine_uid = DEFAULT_ENGINE_UID
 
     @property
     def status(self) -> SLMDeploymentStatus:
@@ -188,8 +265,8 @@ class _Decider:
 
     def run(self) -> Decision:
         try:
-            spec = parse_spec(self.raw_spec)
-            problems = spec_problems(spec)
+            spec = self.engine_images.fill(parse_spec(self.raw_spec))
+            problems = spec_problems(spec) + host_path_problems(spec, self.host_paths)
             if problems:
                 raise InvalidSpec("; ".join(problems))
             if spec.placement == Placement.dra:
@@ -262,15 +339,27 @@ class _Decider:
         if MANAGED_BY.items() <= labels.items() and profile["metadata"].get("uid"):
             # Profiles the operator made are shared by their users and collected after the last one.
             self.decision.profile_user = (profile, {**self.owner().reference(), "controller": False})
-        measured = SLMProfileStatus.from_stored(profile.get("status"))
+        try:
+            measured = SLMProfileStatus.from_stored(profile.get("status"))
+        except ValidationError as error:  # written by another version of slmpack, or by hand
+            wrong = "; ".join(f"status.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            self.condition(cond.PROFILE_READY, False, "ProfileUnreadable",
+                           f"SLMProfile {name} has a status this operator cannot read ({wrong}): fix its status, "
+                           f"or delete SLMProfile {name} to profile again", warn=True)
+            return None
         if measured.phase == "Ready" and measured.knee is not None:
+            missing = missing_measurements(measured, spec.profiling)
+            extending = missing is not None and MANAGED_BY.items() <= labels.items()
+            if extending and self.extend_profile(spec, node, profile, missing):
+                return None
             newly_ready = not cond.is_true(self.before.conditions, cond.PROFILE_READY)
             if newly_ready and measured.sweep and measured.sweep.duration_s:
                 self.decision.profiling_seconds = measured.sweep.duration_s
             self.status.profiling_phase = None
-            self.condition(cond.PROFILE_READY, True, "ProfileMeasured",
-                           f"SLMProfile {name}: knee at batch {measured.knee.batch_size}, "
-                           f"{measured.recommended_replicas or 1} replica(s) recommended")
+            if not extending:  # else the extension's failure stays said
+                self.condition(cond.PROFILE_READY, True, "ProfileMeasured",
+                               f"SLMProfile {name}: knee at batch {measured.knee.batch_size}, "
+                               f"{measured.recommended_replicas or 1} replica(s) recommended")
             return measured
         if ref:
             self.condition(cond.PROFILE_READY, False, "ProfileNotReady",
@@ -278,6 +367,38 @@ class _Decider:
             return None
         self.profile_in_progress(spec, node, profile, measured)
         return None
+
+    def extend_profile(self, spec: SLMDeploymentSpec, node: GPUNode, profile: dict, missing: str) -> bool:
+        """Whether the deployment waits while a Job adds what its SLO needs to the shared profile, which stays Ready
+        for the deployments already using it. An extension that failed, or ended without adding it, is reported,
+        and the deployment places from what the profile has."""
+        name, uid = profile["metadata"]["name"], profile["metadata"].get("uid")
+        job_name = extension_job_name(name, spec.profiling)
+        job = next((j for j in self.cluster.jobs if j.name == job_name), None)
+        if job is not None and (job.failed or job.completed_at is not None
+                                and (self.now - job.completed_at).total_seconds() >= RESULT_GRACE_SECONDS):
+            why = f"failed: {job.failure_message}" if job.failed else "completed without adding it"
+            self.condition(cond.PROFILE_READY, True, "ProfileExtensionFailed",
+                           f"SLMProfile {name} lacks what this deployment's SLO needs ({missing}), and profiling Job "
+                           f"{job_name} that was to add it {why}. The plan uses what the profile has; delete Job "
+                           f"{job_name} to try again", warn=True)
+            return False
+        if job is None and uid:
+            owner = Owner(kind="SLMProfile", name=name, uid=uid, namespace=self.namespace)
+            self.decision.create += build_profiler_access(self.namespace, self.profiler_cluster_role)
+            template = profiling_claim_template_name(name) if self.dra is not None else None
+            self.decision.create.append(build_profiling_job(owner, measured_under(spec, node), spec,
+                                                            None if self.dra else node, claim_template=template,
+                                                            name=job_name, uid=self.engine_uid))
+            self.decision.events.append(Event("ProfileExtending", f"SLMProfile {name} lacks what this "
+                                                                  f"deployment's SLO needs ({missing}): profiling Job "
+                                                                  f"{job_name} adds it"))
+        self.status.profiling_phase = None
+        self.condition(cond.PROFILE_READY, False, "ProfileExtending",
+                       f"SLMProfile {name} lacks what this deployment's SLO needs ({missing}): profiling Job "
+                       f"{job_name} adds it, while the deployments already using the profile keep it",
+                       news_when_new=False)
+        return True
 
     def profile_in_progress(self, spec: SLMDeploymentSpec, node: GPUNode, profile: dict,
                             measured: SLMProfileStatus) -> None:
@@ -296,10 +417,10 @@ class _Decider:
                                                                            labels))
                 template = profiling_claim_template_name(name)
                 self.decision.create.append(build_profiling_job(owner, conditions, spec, None,
-                                                                claim_template=template))
+                                                                claim_template=template, uid=self.engine_uid))
                 where = f"on a GPU of ResourceClaimTemplate {template}"
             else:
-                self.decision.create.append(build_profiling_job(owner, conditions, spec, node))
+                self.decision.create.append(build_profiling_job(owner, conditions, spec, node, uid=self.engine_uid))
                 where = f"on node {node.name}"
             self.decision.events.append(Event("ProfilingStarted", f"profiling Job {job_name} started {where}"))
         if job is not None and job.completed_at is not None and measured.phase != "Failed":
@@ -326,15 +447,25 @@ class _Decider:
 
     def place(self, spec: SLMDeploymentSpec, node: GPUNode, profile: SLMProfileStatus | None) -> None:
         plugin_mps = spec.placement == Placement.device_plugin and node.sharing_strategy == "mps"
-        # DRA nodes carry no device-plugin sharing slots: the measurement and the memory model decide.
-        decided = plan(spec, profile, node.gpu_memory_mib, None if self.dra else node.sharing_slots, plugin_mps)
+        # DRA nodes carry no device-plugin sharing slots, and a pack pod's engines share its whole GPU.
+        slots = None if self.dra or spec.placement == Placement.pack_pod else node.sharing_slots
+        decided = plan(spec, profile, node.gpu_memory_mib, slots, plugin_mps, node_cpus=node.allocatable.get("cpu"))
+        self.check_slo(spec, decided)
         owner = self.owner()
         sizes = self.pack_sizes(spec, decided.replicas, decided.knee_batch_size or decided.max_num_seqs)
         names = [pack_name(self.name, i) for i in range(len(sizes))]
         previous = {names.index(p.name): p.node for p in self.before.packs if p.name in names and p.node}
         nodes = assign_nodes(spec, node, self.cluster.nodes, len(sizes), previous) if pinned(spec) \
             else [None] * len(sizes)
-        objects = [build_service(owner, spec)]
+        routers = {"podSelector": {"matchLabels": router_selector(self.name)}} \
+            if spec.routing.mode == RoutingMode.router else None
+        policies = [build_network_policy(owner, spec, self.cluster.operator_peer, routers)] \
+            if spec.network_policy else []
+        if not policies:
+            self.decision.delete += [p for p in self.cluster.network_policies if controlled_by(p, owner.uid)]
+        budget = build_disruption_budget(owner, self.cluster.disruption_budget_api_version)
+        objects = [build_service(owner, spec, self.service_selector(spec)), budget, *policies,
+                   *self.routing(spec, decided)]
         claims: list[str | None] = [None] * len(sizes)
         if self.dra is not None:
             for i, name in enumerate(names):
@@ -343,7 +474,8 @@ class _Decider:
                 claims[i] = claim["metadata"]["name"]
             in_use = {name for pod in self.cluster.pods for name in pod.claims} | set(claims)
             current = claims[0] if claims else pack_claim(self.name, spec, decided).name
-            for unused in claims_to_delete(self.cluster.resource_claims, in_use, current):
+            ours = [c for c in self.cluster.resource_claims if controlled_by(c, owner.uid)]
+            for unused in claims_to_delete(ours, in_use, current):
                 self.decision.delete.append(unused)
                 self.decision.events.append(Event("ResourceClaimReleased", f"ResourceClaim {unused['metadata']['name']}"
                                                   " of an earlier plan: no replica uses it, so it is deleted"))
@@ -351,11 +483,25 @@ class _Decider:
             if len(earlier) > len(self.decision.delete):
                 # An earlier claim is still held while the pods roll over: look again, as no event may follow.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
+        taken = sorted(o["metadata"]["name"] for o in self.cluster.statefulsets
+                       if o["metadata"]["name"] in names and not controlled_by(o, owner.uid))
+        if taken:  # adopting it would take over another's pods, or fail on its controller reference
+            raise InvalidSpec(f"StatefulSet {', '.join(taken)} in {self.namespace} carries this deployment's labels "
+                              f"but is not controlled by it: delete or rename that StatefulSet, or rename "
+                              f"SLMDeployment {self.name}")
         unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
-        statefulsets = [build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i, replicas=size)
+        existing_policies = {o["metadata"]["name"]: o["spec"]["podManagementPolicy"]
+                             for o in self.cluster.statefulsets if o.get("spec", {}).get("podManagementPolicy")}
+        pack_pod = spec.placement == Placement.pack_pod
+        statefulsets = [build_pack_pod(owner, spec, decided, nodes[i], pack=i, engines=size, uid=self.engine_uid)
+                        if pack_pod else build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i,
+                                                           replicas=size, uid=self.engine_uid)
                         for i, size in enumerate(sizes) if names[i] not in unplaced]
+        for statefulset in statefulsets:  # immutable: a pack made before keeps the policy it was made with
+            statefulset["spec"]["podManagementPolicy"] = existing_policies.get(
+                statefulset["metadata"]["name"], statefulset["spec"]["podManagementPolicy"])
         for old in sorted(self.cluster.statefulsets, key=lambda o: o["metadata"]["name"]):
-            if old["metadata"]["name"] not in names:
+            if old["metadata"]["name"] not in names and controlled_by(old, owner.uid):
                 self.decision.delete.append(old)
                 self.decision.events.append(Event("PackRemoved", f"StatefulSet {old['metadata']['name']} is no "
                                                   "longer wanted: its replicas drain and stop"))
@@ -364,13 +510,17 @@ class _Decider:
         self.status.endpoint = service_endpoint(owner, spec)
         self.status.current_packs = len(sizes) - len(unplaced)
         self.status.selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
-        self.status.packs = [pack_status(name, nodes[i], sizes[i], self.cluster.pods) for i, name in enumerate(names)]
+        self.status.packs = [pack_status(name, nodes[i], sizes[i], self.cluster.pods, pack_pod)
+                             for i, name in enumerate(names)]
         if spec.engine.device == Device.cpu:
             where = "on the CPU"
         elif self.dra is not None:
             claim_names = ", ".join(c for c in claims if c)
             where = (f"sharing the GPU of ResourceClaim {claim_names} ({self.dra.api_version}, "
                      f"{self.dra.candidates} matching GPU(s) published) by {spec.sharing.value}")
+        elif pack_pod:
+            how = "under the pod's own MPS daemon" if spec.sharing.value == "mps" else "by time-slicing"
+            where = f"in one pod on node {node.name} holding one whole GPU, {how}"
         elif node.sharing_strategy == "none":
             where = f"on node {node.name} on a whole GPU (the node does not share its GPUs)"
         else:
@@ -379,8 +529,9 @@ class _Decider:
             on = sorted({n.name for n in nodes if n is not None})
             where = f"in {len(sizes)} packs of up to {decided.replicas}" + (f" on node(s) {', '.join(on)}" if on
                                                                              else "")
-            where += " on the CPU" if spec.engine.device == Device.cpu else \
+            each = ", each one pod holding one whole GPU" if pack_pod else \
                 f", each sharing one GPU by {spec.sharing.value}"
+            where += " on the CPU" if spec.engine.device == Device.cpu else each
         if unplaced:
             self.condition(cond.PLACED, False, "NoFreeGPU",
                            f"{len(unplaced)} of {len(sizes)} packs ({', '.join(unplaced)}) have no node with a free "
@@ -390,24 +541,77 @@ class _Decider:
         else:
             self.condition(cond.PLACED, True, "StatefulSetApplied",
                            f"{sum(sizes)} replica(s) {where}: {decided.explanation}")
-        self.follow_replicas(sum(sizes))
+        self.follow_replicas(sum(sizes), [(name, sizes[i]) for i, name in enumerate(names)] if pack_pod else None)
         if spec.engine.device == Device.gpu:
             self.check_one_gpu(spec, [(name, nodes[i] or node, sizes[i]) for i, name in enumerate(names)])
+
+    def service_selector(self, spec: SLMDeploymentSpec) -> dict[str, str]:
+        """Whom the deployment's Service reaches: the routers once one is ready, the engines otherwise."""
+        if spec.routing.mode == RoutingMode.router and self.cluster.routers_ready > 0:
+            return router_selector(self.name)
+        if spec.placement == Placement.pack_pod:  # only the router reaches a pack pod's engines, one port each
+            return router_selector(self.name)
+        return selector_labels(self.name)
+
+    def routing(self, spec: SLMDeploymentSpec, decided) -> list[dict]:
+        """The objects of spec.routing: the router and what it needs, or an InferencePool, or none."""
+        owner = self.owner()
+        if spec.routing.mode != RoutingMode.router:
+            # The Service already reaches the engines again; the routers' pods would only idle. Their
+            # configuration and headless Service are small and go with the deployment.
+            for router in self.cluster.routers:
+                if controlled_by(router, owner.uid):
+                    self.decision.delete.append(router)
+                    self.decision.events.append(Event("RouterRemoved", f"Deployment {router['metadata']['name']}: "
+                                                      f"spec.routing.mode is {spec.routing.mode.value}"))
+        if spec.routing.mode == RoutingMode.inference_pool:
+            return [build_inference_pool(owner, spec)]
+        if spec.routing.mode != RoutingMode.router:
+            return []
+        budget = [build_router_disruption_budget(owner, self.cluster.disruption_budget_api_version)] \
+            if spec.routing.router_replicas > 1 else []
+        engines = decided.replicas if spec.placement == Placement.pack_pod else None
+        return [*build_router_access(self.namespace, self.router_cluster_role),
+                build_engines_service(owner, spec, engines),
+                build_router_config(owner, spec), build_router(owner, spec, decided, self.router_images), *budget]
+
+    def check_slo(self, spec: SLMDeploymentSpec, decided) -> None:
+        """SLOMet: whether the plan's measured point meets the deployment's latency SLO (absent without one)."""
+        slo = spec.profiling.slo
+        if not (slo.p99_itl_ms or slo.p99_ttft_ms):
+            self.status.conditions = [c for c in self.status.conditions if c.type != cond.SLO_MET]
+        elif decided.slo_miss:
+            self.condition(cond.SLO_MET, False, "SLOUnreachable",
+                           f"{decided.slo_miss}: relax spec.profiling.slo, or use a faster GPU or a smaller model",
+                           warn=True)
+        elif decided.predicted_p99_itl_ms is not None:
+            self.condition(cond.SLO_MET, True, "MeasuredWithinSLO",
+                           f"measured p99 ITL {decided.predicted_p99_itl_ms:.0f} ms at {decided.replicas} replica(s) "
+                           f"of batch {decided.max_num_seqs}, within the SLO")
+        else:
+            self.condition(cond.SLO_MET, "Unknown", "NotMeasured",
+                           f"{decided.replicas} replica(s) of batch {decided.max_num_seqs} were not measured")
 
     def pack_sizes(self, spec: SLMDeploymentSpec, per_pack: int, knee_batch: int) -> list[int]:
         """Replicas per pack: spec.packs full packs, or what the autoscaler decides (an Event when it changes)."""
         policy = spec.autoscaling
         if policy is None:
             self.status.autoscaling = None
+            self.status.conditions = cond.without_condition(self.status.conditions, cond.METRICS_AVAILABLE)
             return [per_pack] * spec.packs
         low, high = bounds(policy, per_pack)
         before = self.before.autoscaling
         current = before.replicas if before else min(max(self.before.replicas or low, low), high)
         names = [pack_name(self.name, i) for i in range(packs_for(current, per_pack))]
         mine = [p for p in self.cluster.pods if any(in_pack(name, p.name) for name in names)]
-        loads = [e for e in self.cluster.engine_loads if any(in_pack(name, e.pod) for name in names)]
+        loads, refused = finite_loads([e for e in self.cluster.engine_loads if any(in_pack(n, e.pod) for n in names)])
+        problems = refused + [p for p in self.cluster.engine_problems if any(in_pack(n, p.pod) for n in names)]
+        readable, reason, message = metrics_condition(problems)
+        self.condition(cond.METRICS_AVAILABLE, readable, reason, message, warn=not readable, news_when_new=not readable)
+        queued = sum(e.waiting for e in self.cluster.engine_loads if e.pod in self.cluster.router_pods
+                     and math.isfinite(e.waiting))
         choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, sum(p.ready for p in mine),
-                              before.last_scale_time if before else None, self.now)
+                              before.last_scale_time if before else None, self.now, queued)
         self.decision.scaling = choice
         last = self.now if choice.changed else (before.last_scale_time if before else None)
         self.status.autoscaling = AutoscalingStatus(replicas=choice.replicas, last_scale_time=last,
@@ -432,7 +636,7 @@ class _Decider:
         verdicts = []
         for name, node, planned in packs:
             pods = sorted((p for p in self.cluster.pods if in_pack(name, p.name)), key=lambda p: p.name)
-            for uuid in {u for p in pods for u in p.gpu_uuids}:
+            for uuid in {u for p in pods for u in p.running_gpu_uuids or p.gpu_uuids}:
                 owners.setdefault(uuid, set()).add(name)
             verdicts.append(self.one_gpu_verdict(spec, node, planned, pods, name if len(packs) > 1 else None))
         shared = sorted((uuid, sorted(names)) for uuid, names in owners.items() if len(names) > 1)
@@ -458,9 +662,19 @@ class _Decider:
                         pack: str | None) -> tuple[str, str, str]:
         """(status, reason, message) of OneGPU for one pack; `pack` names it when there are several."""
         the = f"pack {pack}" if pack else "the pack"
+        # Where the processes run, where NVML shows it: the plugin's MPS clients see every GPU, so an engine
+        # that did not pin itself runs on another GPU than its slot's.
+        astray = [p for p in pods if p.running_gpu_uuids and not set(p.running_gpu_uuids) <= set(p.gpu_uuids)]
+        if astray:
+            where = "; ".join(f"{p.name} was given {', '.join(p.gpu_uuids) or 'no GPU'} but runs on "
+                              f"{', '.join(p.running_gpu_uuids)}" for p in astray)
+            return ("False", "RunsOffItsGPU",
+                    f"{where} (node {node.name}). The device plugin's MPS clients see every GPU of the node: the "
+                    "engine must pin itself (the engine image's `slmpack engine` sets CUDA_VISIBLE_DEVICES to the "
+                    "GPUs its container was given); a custom command or image skips that")
         by_gpu: dict[str, list[str]] = {}
         for pod in pods:
-            for uuid in pod.gpu_uuids:
+            for uuid in pod.running_gpu_uuids or pod.gpu_uuids:
                 by_gpu.setdefault(uuid, []).append(pod.name)
         if len(by_gpu) > 1:
             where = "; ".join(f"{', '.join(names)} on {uuid}" for uuid, names in sorted(by_gpu.items()))
@@ -469,6 +683,10 @@ class _Decider:
                     "replicas do not share one GPU. The device plugin spreads shared slots over a node's "
                     "GPUs: use placement dra (one ResourceClaim, one GPU), or nodes with one GPU "
                     "(nvidia.com/gpu.count=1); the plugin's packed allocation policy is best effort")
+        if spec.placement == Placement.pack_pod:
+            on = f" ({next(iter(by_gpu))})" if by_gpu else ""
+            return "True", "OnePodOneGPU", f"{the} is one pod holding one whole GPU{on} of a node that does not " \
+                                           f"share its GPUs, so its {planned} engine(s) run on that GPU"
         reported = [p for p in pods if p.gpu_uuids]
         if by_gpu and len(reported) >= planned:
             return "True", "OnOneGPU", f"all {len(reported)} replicas{' of ' + pack if pack else ''} run on GPU " \
@@ -487,11 +705,14 @@ class _Decider:
                 f"node {node.name} has {count} and the device plugin may spread the replicas over them: "
                 f"{len(reported)}/{planned} replicas{' of ' + pack if pack else ''} have reported their GPU so far")
 
-    def follow_replicas(self, planned: int) -> None:
+    def follow_replicas(self, planned: int, pack_pods: list[tuple[str, int]] | None = None) -> None:
+        """Available: the engines that serve against those planned; `pack_pods` (pack, engines) when each pack
+        is one pod whose engines serve together."""
         states = list(self.cluster.pods)
         self.status.replica_gpus = [ReplicaGPU(name=s.name, node=s.node, gpu_uuids=list(s.gpu_uuids))
                                     for s in sorted(states, key=lambda s: s.name)]
-        ready = sum(s.ready for s in states)
+        ready = sum(s.ready for s in states) if pack_pods is None else \
+            sum(ready_engines(name, engines, states, True) for name, engines in pack_pods)
         self.status.ready_replicas = ready
         problem = cond.replica_problem(states)
         if problem:
@@ -504,9 +725,19 @@ class _Decider:
 
 
 def decide(deployment: dict, cluster: ClusterSnapshot, now: datetime,
-           profiler_cluster_role: str = DEFAULT_PROFILER_CLUSTER_ROLE) -> Decision:
-    """The operator's decision for one SLMDeployment (metadata, spec, status) on this cluster."""
-    return _Decider(deployment, cluster, now, profiler_cluster_role).run()
+           profiler_cluster_role: str = DEFAULT_PROFILER_CLUSTER_ROLE,
+           host_paths: HostPathPolicy = NO_HOST_PATHS, router_images: RouterImages = DEFAULT_IMAGES,
+           router_cluster_role: str = ROUTER_CLUSTER_ROLE,
+           engine_images: EngineImages = DEFAULT_ENGINE_IMAGES, engine_uid: int = DEFAULT_ENGINE_UID) -> Decision:
+    """The operator's decision for one SLMDeployment (metadata, spec, status) on this cluster; `host_paths`
+    are the node directories the cluster admin lets deployments mount (none by default); `router_images`
+    and `router_cluster_role` are what the routers run and may read (the chart's); `engine_images` the
+    images of deployments that name none; `engine_uid` the UID and GID the engines and profilers run as."""
+    decider = _Decider(deployment, cluster, now, profiler_cluster_role, host_paths, router_images,
+                       router_cluster_role)
+    decider.engine_images = engine_images
+    decider.engine_uid = engine_uid
+    return decider.run()
 
 
 def with_status(deployment: dict, status: SLMDeploymentStatus) -> dict:

@@ -29,6 +29,7 @@ from celpy import celtypes
 from packaging.version import InvalidVersion, Version
 
 from slmpack.api.models import Plan, Sharing, SLMDeploymentSpec
+from slmpack.core.gpu_assignments import dra_device_id
 from slmpack.core.manifests import Owner, dns_name, engine_labels
 from slmpack.core.validation import MEMORY, GPUNode, InvalidSpec, NoMatchingNode
 
@@ -219,19 +220,34 @@ def devices_from_slices(slices: Iterable[dict]) -> list[DraDevice]:
             capacity: dict[str, dict[str, Quantity]] = {}
             for qualified, value in (body.get("capacity") or {}).items():
                 domain, name = _split_name(qualified, driver)
-                # v1beta1 of Kubernetes 1.32 wrote a bare quantity; later versions wrap it in {value}.
+                # Every version slmpack reads (v1beta1 from 1.32, v1beta2, v1) wraps it in DeviceCapacity
+                # {value}; only v1alpha3 of 1.31 wrote a bare quantity, which is still read.
                 capacity.setdefault(domain, {})[name] = Quantity(value["value"] if isinstance(value, dict) else value)
             devices.append(DraDevice(node=spec.get("nodeName"), pool=(spec.get("pool") or {}).get("name", ""),
                                      name=wire["name"], driver=driver, attributes=attributes, capacity=capacity))
     return devices
 
 
+def resolve_gpu_ids(ids: Iterable[str], devices: Iterable[DraDevice]) -> tuple[str, ...]:
+    """GPU IDs as the exporters publish them, with each DRA device (`dra:<driver>/<pool>/<device>`) replaced by
+    the UUID its ResourceSlice gives it; one not found in the slices stays as it is."""
+    uuids = {dra_device_id(d.driver, d.pool, d.name): d.attribute("uuid") for d in devices}
+    return tuple(sorted({uuids.get(i) or i for i in ids}))
+
+
 def selects(expression: str, device: DraDevice) -> bool:
-    """Whether the selector matches the device; a runtime error means no match, as for the scheduler."""
+    """Whether the selector matches the device.
+
+    A CEL runtime error (a missing attribute or capacity, say) does not skip the device: the scheduler
+    aborts the claim's whole allocation ("claim %s: selector #%d: CEL runtime error", kubernetes
+    staging/src/k8s.io/dynamic-resource-allocation/structured/allocator.go), so it is InvalidSelector
+    here too. Selectors guard optional fields with `in` (`device_selectors`).
+    """
     try:
         result = compile_selector(expression).evaluate({"device": device.cel()})
-    except celpy.CELEvalError:
-        return False
+    except celpy.CELEvalError as error:
+        raise InvalidSelector(f"CEL selector {expression!r} fails on device {device.pool}/{device.name} "
+                              f"({error.args[0]}): the scheduler would abort the claim's allocation") from None
     return isinstance(result, celtypes.BoolType) and bool(result)
 
 
@@ -306,11 +322,21 @@ def product_selector(product: str) -> str:
     discovery labels it (`NVIDIA-H100-80GB-HBM3`): GFD turned each space into a dash, so each dash
     matches either."""
     pattern = "^" + "[ -]".join(re.escape(part) for part in product.split("-")) + "$"
-    return f"device.attributes[{_cel_string(DRIVER)}].productName.matches({_cel_string(pattern)})"
+    domain = _cel_string(DRIVER)
+    # Every full GPU carries productName (cmd/gpu-kubelet-plugin/deviceinfo.go); guarded all the same, since a
+    # device without it would abort the allocation rather than be skipped (`selects`).
+    return (f"'productName' in device.attributes[{domain}] && "
+            f"device.attributes[{domain}].productName.matches({_cel_string(pattern)})")
 
 
 def memory_selector(min_memory_mib: int) -> str:
-    return f"device.capacity[{_cel_string(DRIVER)}].memory.compareTo(quantity('{min_memory_mib}Mi')) >= 0"
+    """At least this much memory. The driver leaves the `memory` capacity out where NVML answers
+    NOT_SUPPORTED (kubernetes-sigs/dra-driver-nvidia-gpu cmd/gpu-kubelet-plugin/nvlib.go), and reading an
+    absent key is a runtime error that aborts the allocation, so the selector asks first: such a GPU does
+    not match (its memory cannot be known to hold the plan)."""
+    domain = _cel_string(DRIVER)
+    return (f"{domain} in device.capacity && 'memory' in device.capacity[{domain}] && "
+            f"device.capacity[{domain}].memory.compareTo(quantity('{min_memory_mib}Mi')) >= 0")
 
 
 def device_selectors(spec: SLMDeploymentSpec, min_memory_mib: int | None = None) -> list[str]:
@@ -365,7 +391,8 @@ def choose_device(spec: SLMDeploymentSpec, api_versions: Iterable[str], slices: 
     least memory, so that the plan fits whichever of them the scheduler allocates.
 
     Raises DraUnavailable when the cluster serves no version or publishes no device of the driver,
-    NoMatchingNode when no published GPU matches, and InvalidSelector when a selector does not compile.
+    NoMatchingNode when no published GPU matches, and InvalidSelector when a selector does not compile or
+    fails on a published device.
     """
     api_version = newest_served(api_versions)
     if api_version is None:

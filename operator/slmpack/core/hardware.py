@@ -42,9 +42,14 @@ def mps_caps(replicas: int, gpu_memory_mib: int | None, budget_fraction: float =
 
 
 def cpu_threads_per_replica(replicas: int, cores: int) -> int:
-    """The cores less one, which vLLM keeps for its API server and scheduler, shared out; at least one.
-    More OpenMP threads than free cores make the threads spin against each other."""
-    return max(1, (cores - 1) // replicas)
+    """The node's cores shared out equally, at least one thread each: every replica count gets the
+    same compute, so one replica is not measured with fewer threads than a pack has in all."""
+    return max(1, cores // replicas)
+
+
+def cpu_kv_cache_bytes(replicas: int, pack_kv_cache_gib: int) -> int:
+    """Each replica's KV cache on CPU: the pack's space shared out equally, the same total for every count."""
+    return pack_kv_cache_gib * 1024**3 // replicas
 
 
 def cpu_threads_env(threads: int | None) -> dict[str, str]:
@@ -52,7 +57,7 @@ def cpu_threads_env(threads: int | None) -> dict[str, str]:
 
     vLLM's default binding (`auto`) pins every engine to the same first cores of the CPUs
     it may use, so co-located replicas of a StatefulSet, which cannot tell each other
-    apart, would all compute on core 0. Unbound threads, (cores - 1)/N per replica, spread
+    apart, would all compute on core 0. Unbound threads, cores/N per replica, spread
     instead. The profiler runs its k replicas the same way, so it measures what is deployed.
     `threads` None (no measured count) leaves the thread count to OpenMP, unbound all the same.
     """

@@ -111,22 +111,31 @@ def find_knee(points: Iterable[ProfilePoint], params: KneeParams = BCA_DEFAULTS)
     if not curve:
         raise NoKneeError("no batch size was measured successfully, so there is no knee")
     base, reference = curve[0], latency_reference(curve)
+
+    def failure(point: ProfilePoint) -> str | None:
+        return slo_failure(point, params.slo) or (
+            bca_failure(point, base, reference, params) if params.rule == KneeRule.bca else None)
+
     if params.rule == KneeRule.kneedle:
         chosen, reason = _kneedle(curve), "kneedle: the point of maximum curvature of throughput over batch"
     else:
         passing = [p for p in curve if bca_failure(p, base, reference, params) is None]
-        chosen = passing[-1] if passing else base
-        larger = [p for p in curve if p.batch_size > chosen.batch_size]
-        reason = bca_failure(larger[0], base, reference, params) if larger else "the largest batch probed passes"
+        chosen, reason = (passing[-1] if passing else base), None
     # The SLO caps the knee: step down to the largest batch at or below it that meets the SLO.
     within_slo = [p for p in curve if p.batch_size <= chosen.batch_size and slo_failure(p, params.slo) is None]
+    slo_met = bool(within_slo)
     if slo_failure(chosen, params.slo):
-        reason = slo_failure(chosen, params.slo)
         chosen = within_slo[-1] if within_slo else base
+    if not slo_met:
+        reason = f"no probed batch meets the SLO: {slo_failure(base, params.slo)}"
+    elif reason is None:
+        larger = [p for p in curve if p.batch_size > chosen.batch_size]
+        reason = failure(larger[0]) if larger else "the largest batch probed passes"
     return Knee(
         batch_size=chosen.batch_size,
         rule=params.describe(),
         reason=reason or "",
+        slo_met=slo_met,
         throughput_tokens_per_s=chosen.output_throughput_tokens_per_s,
         request_throughput_per_s=chosen.request_throughput_per_s,
         mean_itl_ms=mean_itl(chosen),

@@ -78,14 +78,22 @@ def pods_of(pack: str, pods: Iterable[ReplicaState]) -> list[ReplicaState]:
     return sorted((p for p in pods if in_pack(pack, p.name)), key=lambda p: p.name)
 
 
-def pack_status(name: str, node: GPUNode | None, planned: int, pods: Iterable[ReplicaState]) -> PackStatus:
+def ready_engines(name: str, planned: int, pods: Iterable[ReplicaState], pack_pod: bool) -> int:
+    """The pack's engines that serve: its ready replica pods, or all `planned` engines of its ready pack pod
+    (whose supervisor is ready once every engine has started; one that crashed is restarted meanwhile)."""
+    mine = pods_of(name, pods)
+    return planned * any(p.ready for p in mine) if pack_pod else sum(p.ready for p in mine)
+
+
+def pack_status(name: str, node: GPUNode | None, planned: int, pods: Iterable[ReplicaState],
+                pack_pod: bool = False) -> PackStatus:
     mine = pods_of(name, pods)
     nodes = sorted({p.node for p in mine if p.node})
     return PackStatus(name=name, node=node.name if node else (nodes[0] if len(nodes) == 1 else None),
                       gpu_uuids=sorted({u for p in mine for u in p.gpu_uuids}), replicas=planned,
-                      ready_replicas=sum(p.ready for p in mine))
+                      ready_replicas=ready_engines(name, planned, mine, pack_pod))
 
 
 def pinned(spec: SLMDeploymentSpec) -> bool:
     """Whether the operator pins each pack to a node: under DRA the scheduler picks it with the claim."""
-    return spec.placement == Placement.device_plugin
+    return spec.placement in (Placement.device_plugin, Placement.pack_pod)

@@ -15,6 +15,8 @@ from slmpack.core.conditions import get_condition, set_condition
 
 READY = "Ready"
 FAILED = "Failed"
+# An extension for another SLO that failed: the profile stays Ready for what it has.
+EXTENDED = "Extended"
 
 
 def measured(conditions: list[Condition], message: str, now: datetime, generation: int | None = None):
@@ -30,6 +32,22 @@ def failed(conditions: list[Condition], reason: str, message: str, now: datetime
 def in_progress(conditions: list[Condition], message: str, now: datetime, generation: int | None = None):
     conditions = set_condition(conditions, READY, False, "Profiling", message, now, generation)
     return set_condition(conditions, FAILED, False, "Profiling", "the profiler is measuring", now, generation)
+
+
+def extending(conditions: list[Condition], message: str, now: datetime, generation: int | None = None):
+    """A Ready profile that gains probes for another SLO stays Ready: its deployments keep what they use."""
+    conditions = set_condition(conditions, READY, True, "Extending", message, now, generation)
+    return set_condition(conditions, FAILED, False, "Extending", "the profiler is adding probes", now, generation)
+
+
+def extension_result(conditions: list[Condition], ok: bool, message: str, now: datetime):
+    conditions = set_condition(conditions, READY, True, "Measured", "the profile was measured", now)
+    return set_condition(conditions, EXTENDED, ok, "Extended" if ok else "ExtensionFailed", message, now)
+
+
+def extension_failed(conditions: list[Condition]) -> bool:
+    extended = get_condition(conditions, EXTENDED)
+    return extended is not None and extended.status == "False"
 
 
 def derive_phase(conditions: list[Condition]) -> str:

@@ -6,9 +6,9 @@ of a replication candidate the samples are the runs' throughputs. Either way, sa
 stops once the Student-t confidence interval of the mean is within the relative
 precision asked for (and at least `min_samples` were taken), or at `max_samples`.
 
-Whether k replicas beat one is Welch's one-sided t-test of their runs at the
-configured confidence: the decision to pack is taken only when chance is an unlikely
-explanation of the gain.
+Whether k replicas beat one is Welch's one-sided t-test of their runs, with Holm's
+correction over the replica counts tried and Fieller's bounds of the ratio: the
+decision to pack is taken only when chance is an unlikely explanation of the gain.
 """
 
 from __future__ import annotations
@@ -80,40 +80,100 @@ def precise_enough(samples: Sequence[float], precision: Precision) -> bool:
 
 @dataclass(frozen=True)
 class GainTest:
-    """Is the candidate's mean larger than the baseline's? Welch's one-sided t-test."""
+    """Is the candidate's mean larger than the baseline's? Welch's one-sided t-test at level alpha."""
 
     ratio: float  # candidate mean over baseline mean
-    # One-sided bounds of the ratio at the test's confidence (baseline mean held fixed): the gain is
+    # Fieller's one-sided bounds of the ratio at the test's level (Welch's degrees of freedom): the gain is
     # significant exactly when ratio_low > 1, so the figures shown agree with the decision.
     ratio_low: float | None
     ratio_high: float | None
     p_value: float | None
-    confidence_percent: int
+    alpha: float
     significant: bool
 
+    @property
+    def confidence_percent(self) -> float:
+        return round(100 * (1 - self.alpha), 2)
+
     def describe(self) -> str:
-        interval = (f" ({self.confidence_percent}% one-sided bounds {self.ratio_low:.2f}-{self.ratio_high:.2f})"
+        high = f"{self.ratio_high:.2f}" if self.ratio_high is not None else "inf"
+        interval = (f" ({self.confidence_percent:g}% one-sided bounds {self.ratio_low:.2f}-{high})"
                     if self.ratio_low is not None else "")
         p = f", p={self.p_value:.3g}" if self.p_value is not None else ""
         return f"{self.ratio:.2f}x{interval}{p}"
 
 
-def gain_test(candidate: Sequence[float], baseline: Sequence[float], confidence_percent: int = 95) -> GainTest:
+def variance(values: Sequence[float]) -> float:
+    """The sample variance (n - 1 in the denominator)."""
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def welch_df(candidate: Sequence[float], baseline: Sequence[float]) -> float:
+    """Welch-Satterthwaite degrees of freedom of the difference of two means."""
+    vc, vb = (variance(x) / len(x) for x in (candidate, baseline))
+    if vc + vb == 0:
+        return math.inf
+    return (vc + vb) ** 2 / (vc ** 2 / (len(candidate) - 1) + vb ** 2 / (len(baseline) - 1))
+
+
+def fieller_bounds(candidate: Sequence[float], baseline: Sequence[float],
+                   alpha: float) -> tuple[float | None, float | None]:
+    """One-sided bounds at level alpha of the ratio of two independent means, by Fieller's theorem.
+
+    The set of ratios r with |mean_c - r mean_b| <= t sqrt(var_c + r^2 var_b) (t the one-sided
+    quantile at Welch's degrees of freedom) is an interval when the baseline mean is itself
+    clearly non-zero; otherwise the upper bound is unbounded (None). Dividing the difference's
+    interval by the baseline mean instead ignores the baseline's own error and covers too little.
+    """
+    a, b = math.fsum(candidate) / len(candidate), math.fsum(baseline) / len(baseline)
+    va, vb = variance(candidate) / len(candidate), variance(baseline) / len(baseline)
+    df = welch_df(candidate, baseline)
+    t = float(stats.t.ppf(1 - alpha, df)) if math.isfinite(df) else float(stats.norm.ppf(1 - alpha))
+    lead = b * b - t * t * vb
+    if lead <= 0:
+        return None, None
+    root = math.sqrt(max(a * a * vb + b * b * va - t * t * va * vb, 0.0)) * t
+    return (a * b - root) / lead, (a * b + root) / lead
+
+
+def gain_test(candidate: Sequence[float], baseline: Sequence[float], alpha: float = 0.05) -> GainTest:
     if not candidate or not baseline:
         raise ValueError("a gain needs runs of both the candidate and the baseline")
+    if not 0 < alpha < 1:
+        raise ValueError(f"the level must be in (0, 1), got {alpha}")
     mean_c, mean_b = math.fsum(candidate) / len(candidate), math.fsum(baseline) / len(baseline)
     ratio = mean_c / mean_b if mean_b else math.inf
     if len(candidate) < 2 or len(baseline) < 2:
-        return GainTest(ratio, None, None, None, confidence_percent, significant=False)
+        return GainTest(ratio, None, None, None, alpha, significant=False)
     result = stats.ttest_ind(candidate, baseline, equal_var=False, alternative="greater")
     p = float(result.pvalue)
     if math.isnan(p):  # no spread at all: the runs are identical or constant
         p = 0.0 if mean_c > mean_b else 1.0
-    # Each end of the two-sided interval at 1 - 2(1 - confidence) is a one-sided bound at the confidence.
-    two_sided = stats.ttest_ind(candidate, baseline, equal_var=False).confidence_interval(
-        1 - 2 * (1 - confidence_percent / 100))
-    low, high = (float(v) for v in (two_sided.low, two_sided.high))
-    ratio_low = 1 + low / mean_b if mean_b and not math.isnan(low) else None
-    ratio_high = 1 + high / mean_b if mean_b and not math.isnan(high) else None
-    return GainTest(ratio, ratio_low, ratio_high, p, confidence_percent,
-                    significant=p < 1 - confidence_percent / 100 and mean_c > mean_b)
+    low, high = fieller_bounds(candidate, baseline, alpha) if mean_b else (None, None)
+    return GainTest(ratio, low, high, p, alpha, significant=p < alpha and mean_c > mean_b)
+
+
+@dataclass(frozen=True)
+class HolmStep:
+    """One hypothesis in Holm's step-down procedure."""
+
+    p_adjusted: float  # rejected at family-wise level alpha exactly when this is below alpha
+    divisor: int  # m - rank + 1: its own p-value is compared with alpha / divisor
+
+
+def holm(p_values: dict[int, float]) -> dict[int, HolmStep]:
+    """Holm's step-down correction of several p-values (ties go to the smaller key).
+
+    Testing several candidates against one baseline at the full alpha each would pack by
+    chance more often than alpha; Holm keeps the chance of any false gain within alpha, and
+    rejects at least what Bonferroni rejects.
+    """
+    ordered = sorted(p_values.items(), key=lambda item: (item[1], item[0]))
+    steps: dict[int, HolmStep] = {}
+    running = 0.0
+    for rank, (key, p) in enumerate(ordered):
+        divisor = len(ordered) - rank
+        running = max(running, min(1.0, divisor * p))
+        steps[key] = HolmStep(running, divisor)
+    return steps

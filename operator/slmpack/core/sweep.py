@@ -4,8 +4,8 @@ The search runs over the same grid a full sweep would probe, so the knee it find
 a grid point. It probes the smallest batch (BCA's T(1)) and the batch nearest 32
 (BCA's latency reference) first, so that every later verdict uses the same
 references a full sweep would. Then it grows geometrically (doubling the batch,
-snapped to the grid) while BCA's tests pass, and bisects the grid between the last
-pass and the first fail. Stateless: the next probe is derived from the results so
+snapped to the grid) while BCA's tests and the SLO pass, and bisects the grid between
+the last pass and the first fail. Stateless: the next probe is derived from the results so
 far, so a restarted profiler picks up where it stopped.
 """
 
@@ -15,7 +15,7 @@ import bisect
 from collections.abc import Mapping, Sequence
 
 from slmpack.api.models import ProfilePoint
-from slmpack.core.knee import BCA_DEFAULTS, KneeParams, bca_failure, latency_reference, usable
+from slmpack.core.knee import BCA_DEFAULTS, KneeParams, bca_failure, latency_reference, slo_failure, usable
 
 DEFAULT_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -46,7 +46,10 @@ def next_probe(grid: Sequence[int], measured: Mapping[int, ProfilePoint],
     if base.error is not None:
         return None  # without T(1) no verdict is possible; the report says why
     reference = latency_reference(usable(measured.values()))
-    verdicts = {b: bca_failure(p, base, reference, params) is None for b, p in measured.items()}
+    # A probe passes when it passes BCA's tests and meets the SLO, so the search brackets the SLO-capped knee
+    # as tightly as BCA's: bisecting below a probe that breaks the SLO finds the largest grid batch that meets it.
+    verdicts = {b: bca_failure(p, base, reference, params) is None and slo_failure(p, params.slo) is None
+                for b, p in measured.items()}
     failing = sorted(b for b, ok in verdicts.items() if not ok)
     if not failing:
         largest = max(measured)

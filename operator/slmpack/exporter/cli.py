@@ -28,9 +28,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake-deployment", default="demo", metavar="[NAMESPACE/]NAME",
                         help="the SLMDeployment the fake pods belong to")
     parser.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock",
-                        help="the kubelet's PodResources API, to annotate engine pods with their GPU UUIDs")
-    parser.add_argument("--annotate-interval-seconds", type=float, default=15.0,
-                        help="how often engine pods get the slmpack.dev/gpu-uuids annotation checked; 0: never")
+                        help="the kubelet's PodResources API, to publish which GPUs each engine pod got")
+    parser.add_argument("--gpu-assignments-namespace", default=os.environ.get("POD_NAMESPACE", ""),
+                        help="where the node's ConfigMap of engine pods' GPU UUIDs goes, the namespace the operator "
+                             "reads (default $POD_NAMESPACE); empty: not published")
+    parser.add_argument("--gpu-assignments-interval-seconds", type=float, default=15.0,
+                        help="how often that ConfigMap is checked against the kubelet's answer; 0: never")
     parser.add_argument("--forget-after-seconds", type=float, default=600.0,
                         help="drop the energy series of a pod gone this long (keeps cardinality bounded; longer "
                              "than Prometheus' scrape interval and rate window)")
@@ -53,28 +56,41 @@ def build_collector(args: argparse.Namespace):
     return GpuCollector(NvmlSource(), pods, forget_after_s=args.forget_after_seconds)
 
 
-def start_annotator(args: argparse.Namespace) -> None:
-    """Annotate this node's engine pods with their GPUs, in the background (needs --node-name)."""
+def start_publisher(args: argparse.Namespace) -> None:
+    """Publish which GPUs this node's engine pods got, in the background (needs --node-name and a namespace)."""
     import threading
+    from functools import partial
     from pathlib import Path
 
-    from slmpack import GPU_UUIDS_ANNOTATION
-    from slmpack.exporter.gpu_annotations import GpuAnnotator, engine_pods_api, pod_resources_lister
+    from slmpack.exporter.gpu_assignments import (
+        ConfigMapsApi,
+        GpuPublisher,
+        engine_pods_lister,
+        pod_resources_lister,
+        running_gpus,
+    )
+    from slmpack.exporter.nvml import NvmlSource
+    from slmpack.exporter.pods import PodDirectory, kubelet_pods
 
     socket = Path(args.pod_resources_socket)
     # Also with --fake-devices: on a test bed the GPUs are emulated but the kubelet's answer is real.
-    if not args.node_name or args.annotate_interval_seconds <= 0:
+    if not args.node_name or not args.gpu_assignments_namespace or args.gpu_assignments_interval_seconds <= 0:
         return
     if not socket.exists():
-        log.warning("no PodResources socket at %s: engine pods get no %s annotation", socket, GPU_UUIDS_ANNOTATION)
+        log.warning("no PodResources socket at %s: the engine pods' GPUs are not published", socket)
         return
     try:
-        annotator = GpuAnnotator(pod_resources_lister(socket), *engine_pods_api(args.node_name))
+        # Where the engines' processes run comes from NVML; emulated GPUs have no processes of the real pods.
+        list_running = None if args.fake_devices else partial(
+            running_gpus, NvmlSource(), PodDirectory(kubelet_pods(args.node_name)))
+        publisher = GpuPublisher(args.node_name, args.gpu_assignments_namespace, pod_resources_lister(socket),
+                                 engine_pods_lister(args.node_name), ConfigMapsApi(args.gpu_assignments_namespace),
+                                 list_running)
     except Exception as error:  # no compiled stubs, no API credentials: metrics still serve
-        log.warning("engine pods get no GPU annotation: %s", error)
+        log.warning("the engine pods' GPUs are not published: %s", error)
         return
-    threading.Thread(target=annotator.run, args=(args.annotate_interval_seconds, threading.Event()),
-                     name="gpu-annotator", daemon=True).start()
+    threading.Thread(target=publisher.run, args=(args.gpu_assignments_interval_seconds, threading.Event()),
+                     name="gpu-publisher", daemon=True).start()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     # One thread per connection: a slow client does not hold up the next scrape or /healthz.
     server = make_server(args.address, args.port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
     list(registry.collect())  # read once now, so a missing GPU is logged at start
-    start_annotator(args)
+    start_publisher(args)
     log.info("serving /metrics and /healthz on %s:%d (NVML %s)", args.address, args.port,
              "up" if collector.nvml_up else f"down: {collector.last_error}")
     # As a container's PID 1 the process ignores a SIGTERM it has no handler for, and every pod

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 GPU_LABELS = ["gpu", "uuid", "product"]
 POD_LABELS = ["gpu", "uuid", "namespace", "pod", "container", "slmdeployment"]
 
+
+def pod_labels(index: str, uuid: str, ref: PodRef) -> dict[str, str]:
+    """A pod's labels on a GPU; `engine` too for a pack pod's engine, so each engine has its own series."""
+    labels = dict(zip(POD_LABELS, (index, uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment),
+                      strict=True))
+    return labels | ({"engine": ref.engine} if ref.engine else {})
+
 # (attribute of GpuReading, metric name, help naming the DCGM field it corresponds to)
 GPU_GAUGES = [
     ("power_watts", "slmpack_gpu_power_watts", "GPU power draw in watts (DCGM_FI_DEV_POWER_USAGE)."),
@@ -127,12 +134,12 @@ class GpuCollector(Collector):
                                "SM utilization of a pod's processes since the previous scrape, 0 to 1; 0 when idle, "
                                "absent where the GPU does not report it per process.", labels=POD_LABELS)
         for (index, uuid, ref), value in sorted(memory.items(), key=lambda kv: (kv[0][0], kv[0][2].pod)):
-            labels = [str(index), uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment]
-            used.add_metric(labels, value)
-            presence.add_metric(labels, 1)
+            labels = pod_labels(str(index), uuid, ref)
+            used.add_sample(used.name, labels, value)
+            presence.add_sample(presence.name, labels, 1)
             percent = utilization[uuid][ref]
             if percent is not None:
-                sm.add_metric(labels, percent / 100)
+                sm.add_sample(sm.name, labels, percent / 100)
         yield from (used, presence, sm)
 
         now = self.clock()
@@ -146,8 +153,7 @@ class GpuCollector(Collector):
             "where known, else equally; slmpack_gpu_energy_split_joules says how).", labels=POD_LABELS)
         for (uuid, ref), joules in sorted(self.ledger.counters.items(), key=lambda kv: (kv[0][0], kv[0][1].pod)):
             if uuid in index_of:
-                energy.add_metric([index_of[uuid], uuid, ref.namespace, ref.pod, ref.container, ref.slmdeployment],
-                                  joules)
+                energy.add_sample(f"{energy.name}_total", pod_labels(index_of[uuid], uuid, ref), joules)
         split = CounterMetricFamily(
             "slmpack_gpu_energy_split_joules", "A GPU's energy since the exporter started, by how it was split: "
             f"{', '.join(SHARES)} (no pod on the GPU). The three add up to the GPU's energy.",

@@ -51,6 +51,8 @@ class FakeNode:
     energy_offset_joules: float = 1_000_000.0
     product: str = "NVIDIA H100 80GB HBM3"
     reads: int = 0
+    lost: bool = False  # a GPU fell off the bus (Xid 79): NVML answers GPU_IS_LOST until the driver is back
+    inits: int = 0  # nvmlInit calls
 
     def __post_init__(self) -> None:
         self.started = self.clock()
@@ -74,13 +76,13 @@ class NVMLError(Exception):
         self.value = value
 
     def __str__(self) -> str:
-        return {3: "Not Supported", 6: "Not Found"}.get(self.value, f"NVML error {self.value}")
+        return {3: "Not Supported", 6: "Not Found", 15: "GPU is lost"}.get(self.value, f"NVML error {self.value}")
 
 
 class FakeNvml:
     """The `pynvml` functions NvmlSource calls, over a FakeNode."""
 
-    NVML_SUCCESS, NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NOT_FOUND = 0, 3, 6
+    NVML_SUCCESS, NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NOT_FOUND, NVML_ERROR_GPU_IS_LOST = 0, 3, 6, 15
     NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
     NVMLError = NVMLError
 
@@ -90,9 +92,14 @@ class FakeNvml:
         self._last_us = 0
 
     def nvmlInit(self) -> None:
+        self.node.inits += 1
+
+    def nvmlShutdown(self) -> None:
         pass
 
     def nvmlDeviceGetCount(self) -> int:
+        if self.node.lost:
+            raise NVMLError(self.NVML_ERROR_GPU_IS_LOST)
         self.node.reads += 1  # one read of the node per NvmlSource.read()
         return self.node.gpus
 

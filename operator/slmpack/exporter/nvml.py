@@ -18,6 +18,7 @@ boards) leaves it unknown (None). go-nvml's nvml.h documents these returns.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,7 +66,7 @@ MPS_SERVER = "nvidia-cuda-mps-server"
 
 
 class NvmlSource:
-    """Reads NVML at each call; initializes it once, and again after a failure."""
+    """Reads NVML at each call; initializes it once, and again after a failure or once NVML lost the GPUs."""
 
     def __init__(self, nvml=None) -> None:
         if nvml is None:
@@ -92,11 +93,25 @@ class NvmlSource:
             return None
         return value if scale is None else value * scale
 
+    def _lost(self, error: Exception) -> SourceDown:
+        """NVML stopped answering (a GPU fell off the bus, the driver was reloaded): shut it down, so the
+        next read initialises it again and finds the GPUs that are there then."""
+        with contextlib.suppress(self.nvml.NVMLError):  # already unusable
+            self.nvml.nvmlShutdown()
+        self.ready = False
+        self.last_seen_us.clear()  # sample timestamps of the old session
+        return SourceDown(f"NVML lost the GPUs, initialising it again at the next read: "
+                          f"{type(error).__name__}: {error}")
+
     def read(self) -> Snapshot:
         self._init()
         nvml = self.nvml
         snapshot = Snapshot()
-        for index in range(nvml.nvmlDeviceGetCount()):
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as error:
+            raise self._lost(error) from None
+        for index in range(count):
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 snapshot.gpus.append(self._gpu(index, handle))

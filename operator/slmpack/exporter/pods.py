@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmpack.core.packpod import ENGINE_PORT_PREFIX
+
 log = logging.getLogger(__name__)
+MAX_ANCESTORS = 8  # an engine's GPU process is its server's child (vLLM's engine core) or the server itself
 
 DEPLOYMENT_LABEL = "slmpack.dev/deployment"
 # cgroup v1 and v2, cgroupfs and systemd drivers, containerd / CRI-O / Docker:
@@ -29,6 +32,7 @@ class PodRef:
     pod: str
     container: str
     slmdeployment: str
+    engine: str = ""  # a pack pod's engine (the name of its port); empty for a pod that runs one
 
 
 UNKNOWN = PodRef("", "", "", "")
@@ -89,7 +93,29 @@ class PodDirectory:
             return UNKNOWN
         meta = pod["metadata"]
         return PodRef(meta.get("namespace", ""), meta.get("name", ""), container_name(pod, container_id),
-                      (meta.get("labels") or {}).get(DEPLOYMENT_LABEL, ""))
+                      (meta.get("labels") or {}).get(DEPLOYMENT_LABEL, ""), self.engine(pid, pod))
+
+    def engine(self, pid: int, pod: dict) -> str:
+        """The pack-pod engine a process belongs to: up its parents to the engine's server, whose `--port` is
+        the pod's port named engine-<i>. Only world-readable files are read (cmdline, stat): the exporter has
+        no capability to read another user's environment."""
+        ports = {str(port["containerPort"]): port["name"]
+                 for container in (pod.get("spec") or {}).get("containers") or []
+                 for port in container.get("ports") or [] if port.get("name", "").startswith(ENGINE_PORT_PREFIX)}
+        for _ in range(MAX_ANCESTORS if ports else 0):
+            try:
+                argv = (self.proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                stat = (self.proc / str(pid) / "stat").read_text()
+            except OSError:
+                return ""
+            port = next((a.split("=", 1)[1] for a in argv if a.startswith("--port=")), None) or next(
+                (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--port"), None)
+            if port is not None:
+                return ports.get(port, "")
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent: the field after the state
+            if pid <= 1:
+                return ""
+        return ""
 
 
 LIST_TIMEOUT_S = (3.0, 5.0)  # connect, read

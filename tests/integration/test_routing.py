@@ -1,0 +1,143 @@
+"""The router on the real test bed, with stand-in engines: one keep-alive client reaches every replica, a
+replica that leaves finishes its streams while the traffic goes on without a failure, and a burst beyond
+the engines' caps and the queue gets 429 with Retry-After. The deployment's Service keeps its name and port."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import httpx
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+from tests.fixtures.cluster import local_image
+from tests.fixtures.fake_engine import ENGINE_CPU, fake_engine_spec
+from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
+    Cluster,
+    Traffic,
+    cluster,
+    deployment,
+    operator,
+    ready_profile,
+    wait,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node]
+ROUTER_IMAGES = ("slmpack/router:0.1.0", "slmpack/operator:0.1.0")
+
+
+@pytest.fixture(scope="module")
+def routable(cluster):  # noqa: F811
+    """The router's images on the node, and the ClusterRole the chart gives routers (read Endpoints)."""
+    for image in (ENGINE_CPU, *ROUTER_IMAGES):
+        local_image(image)
+    rbac = client.RbacAuthorizationV1Api(cluster)
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "slmpack-router"},
+            "rules": [{"apiGroups": [""], "resources": ["endpoints"], "verbs": ["get", "list", "watch"]}]}
+    created = False
+    try:
+        rbac.create_cluster_role(role)
+        created = True
+    except client.ApiException as error:
+        if error.status != 409:
+            raise
+    yield cluster
+    # The chart installs a ClusterRole of this name and refuses to adopt one it did not make: a later
+    # `helm install` on this cluster (the chart tests, `make e2e`) must not find ours.
+    if created:
+        rbac.delete_cluster_role("slmpack-router")
+
+
+@pytest.fixture
+def k(routable, namespace):
+    return Cluster(routable, namespace)
+
+
+def routed(k, name: str, routers: int) -> str:
+    """The Service's URL once it selects the deployment's ready routers."""
+    def ready():
+        service = k.core.read_namespaced_service(name, k.ns)
+        router = k.apps.read_namespaced_deployment(f"{name}-router", k.ns)
+        return service.spec.selector.get("app.kubernetes.io/name") == "slmpack-router" \
+            and (router.status.ready_replicas or 0) >= routers and service
+    service = wait(ready, 180, "the Service to select the ready routers")
+    assert [p.port for p in service.spec.ports] == [8000]
+    return f"http://{service.spec.cluster_ip}:8000/v1/completions"
+
+
+def test_one_keep_alive_client_reaches_every_replica(k, fake_engines):
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment("chat", replicas=3, **fake_engine_spec(fake_engines)))
+        wait(lambda: k.status("chat").get("readyReplicas") == 3, 180, "three replicas ready")
+        url = routed(k, "chat", routers=2)
+        answered = collections.Counter()
+        with httpx.Client(timeout=30) as one:  # one pooled keep-alive connection, as the OpenAI client keeps
+            for _ in range(60):
+                reply = one.post(url, json={"model": "chat", "prompt": "hi", "max_tokens": 4})
+                reply.raise_for_status()
+                answered[reply.json()["engine"]] += 1
+    assert runner.exception is None, runner.output
+    assert sorted(answered) == ["chat-0", "chat-1", "chat-2"], answered
+    assert max(answered.values()) <= 1.25 * min(answered.values()), answered
+
+
+def stream(url: str, results: list, key: str = "Bearer sk-test") -> None:
+    try:
+        with httpx.stream("POST", url, json={"model": "chat", "prompt": "hi", "max_tokens": 8, "stream": True},
+                          headers={"Authorization": key}, timeout=60) as reply:
+            events = [line for line in reply.iter_lines() if line.startswith("data:")]
+        results.append((reply.status_code, events))
+    except httpx.HTTPError as error:
+        results.append((None, [repr(error)]))
+
+
+def test_a_leaving_replica_finishes_its_streams_and_no_request_fails(k, fake_engines):
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment("chat", replicas=3, **fake_engine_spec(fake_engines)))
+        wait(lambda: k.status("chat").get("readyReplicas") == 3, 180, "three replicas ready")
+        url = routed(k, "chat", routers=2)
+        traffic = Traffic(url)
+        traffic.start()
+        streams: list = []
+        threads = [threading.Thread(target=stream, args=(url, streams)) for _ in range(6)]  # 4 s each
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        k.patch("chat", {"replicas": 2})  # chat-2 leaves while it streams
+        wait(lambda: len(k.core.list_namespaced_pod(k.ns, label_selector="slmpack.dev/deployment=chat").items) == 2,
+             120, "the third replica gone")
+        for t in threads:
+            t.join()
+        traffic.stop.set()
+        traffic.join()
+    assert runner.exception is None, runner.output
+    assert [code for code, _ in streams] == [200] * 6, streams
+    assert all(len(events) == 9 for _, events in streams), streams  # every stream whole, [DONE] included
+    assert traffic.failures == [] and traffic.ok > 10
+
+
+def test_beyond_the_caps_and_the_queue_clients_get_429_with_retry_after(k, fake_engines):
+    ready_profile(k, "knee-2", knee=2)
+    spec = {**fake_engine_spec(fake_engines), "profiling": {"profileRef": "knee-2"},
+            "routing": {"routerReplicas": 1, "queueLength": 1, "queueWaitSeconds": 20}}
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment("chat", **spec))
+        status = wait(lambda: (s := k.status("chat")).get("readyReplicas") and s["readyReplicas"] == s["replicas"]
+                      and s, 180, "the replicas ready")
+        url = routed(k, "chat", routers=1)
+        held = status["replicas"] * status["plan"]["maxNumSeqs"]  # what the engines may hold, then 1 in the queue
+        streams: list = []
+        threads = [threading.Thread(target=stream, args=(url, streams)) for _ in range(held + 1)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        refused = httpx.post(url, json={"model": "chat", "prompt": "hi"}, timeout=30)
+        for t in threads:
+            t.join()
+    assert runner.exception is None, runner.output
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1", refused.text
+    assert [code for code, _ in streams] == [200] * (held + 1)  # the queued one was served once a slot freed
