@@ -39,6 +39,13 @@ CASES = [
     ("maxPacks caps a busy deployment", {"maxPacks": 1}, 4, loads([90] * 4), 4, None, 4, "none", "AtTarget"),
     ("a lower target adds replicas sooner", {"targetKneePercent": 50}, 1, loads([20]), 1, None, 2, "up",
      "PackHasFreeSlots"),
+    # A pack pod's supervisor reports all its engines in one reading.
+    ("a pack pod's one reading counts its three engines", {}, 3, [EngineLoad("chat-0", 75, 0, engines=3)], 3, None,
+     3, "none", "AtTarget"),
+    ("a pack pod with an engine unreported holds", {}, 3, [EngineLoad("chat-0", 50, 0, engines=2)], 3, None, 3,
+     "none", "MetricsUnavailable"),
+    ("a full pack pod at its knee takes a second GPU", {}, 4, [EngineLoad("chat-0", 120, 0, engines=4)], 4, None, 5,
+     "up", "AllPacksAtKnee"),
 ]
 
 

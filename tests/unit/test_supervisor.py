@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slmpack.adapters.engine_metrics import parse
 from slmpack.core.packpod import SUPERVISOR_CONFIG_ENV, EngineCaps, EngineSlot, SupervisorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/metrics":  # as vLLM's prometheus_client writes a counter, with its model and core labels
             self.reply(200, ("# HELP vllm:generation_tokens_total Generated tokens.\n"
                              "# TYPE vllm:generation_tokens_total counter\n"
-                             f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {port % 1000}.0\n').encode())
+                             f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {port % 1000}.0\n'
+                             "# TYPE vllm:num_requests_running gauge\n"
+                             f'vllm:num_requests_running{{engine="0",model_name="m"}} {port % 7}.0\n').encode())
             return
         self.reply(200 if time.time() - started > delay else 503, b"{}")
 
@@ -212,6 +215,9 @@ def test_the_supervisor_serves_every_engines_metrics_each_labelled_with_its_engi
     assert family.type == "counter"
     assert sorted((s.name, s.labels["slmpack_engine"], s.labels["engine"], s.value) for s in family.samples) == [
         ("vllm:generation_tokens_total", f"engine-{i}", "0", e.port % 1000) for i, e in enumerate(p.config.engines)]
+    # The autoscaler reads the pod's engines as one reading that counts both.
+    load = parse(p.get("/metrics").text)
+    assert (load.engines, load.running) == (2, sum(e.port % 7 for e in p.config.engines))
 
 
 def test_without_mps_no_daemon_runs_and_cpu_engines_get_their_threads(pod):

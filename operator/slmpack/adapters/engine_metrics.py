@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from slmpack.core.autoscale import EngineLoad, MetricsProblem
+from slmpack.core.packpod import ENGINE_LABEL
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -58,24 +59,28 @@ class EngineSample:
     running: float
     waiting: float
     generated_tokens: float | None
+    engines: int = 1
 
 
 def parse(text: str) -> EngineSample:
-    """The load in one engine's /metrics text; MetricsError when it is not Prometheus text or a value is
-    not finite."""
+    """The load in one engine's /metrics text, or in a pack pod supervisor's, whose series carry each
+    engine's name (ENGINE_LABEL); MetricsError when it is not Prometheus text or a value is not finite."""
     sums: dict[str, float] = {}
+    engines: set[str] = set()
     try:
         for family in text_string_to_metric_families(text):
             if family.name in (RUNNING, WAITING, GENERATED, ROUTER_QUEUE):
-                values = [s.value for s in family.samples if s.name in (family.name, family.name + "_total")]
-                sums[family.name] = sum(values)
+                samples = [s for s in family.samples if s.name in (family.name, family.name + "_total")]
+                sums[family.name] = sum(s.value for s in samples)
+                if family.name == RUNNING:
+                    engines = {s.labels[ENGINE_LABEL] for s in samples if ENGINE_LABEL in s.labels}
     except ValueError as error:
         raise MetricsError("MetricsUnparsable", f"not Prometheus text: {error}") from None
     for name, value in sums.items():
         if not math.isfinite(value):
             raise MetricsError("NonFiniteMetric", f"{name} is {value:g}, not a finite number")
     return EngineSample(sums.get(RUNNING, 0.0), sums.get(WAITING, 0.0) + sums.get(ROUTER_QUEUE, 0.0),
-                        sums.get(GENERATED))
+                        sums.get(GENERATED), len(engines) or 1)
 
 
 async def fetch(client: httpx.AsyncClient, url: str, deadline_seconds: float, max_body_bytes: int) -> str:
@@ -190,7 +195,7 @@ class EngineMetricsReader:
             if before and now > before[0] and sample.generated_tokens >= before[1]:
                 rate = (sample.generated_tokens - before[1]) / (now - before[0])
             self._tokens[target] = (now, sample.generated_tokens)
-        return Reading(now, load=EngineLoad(pod, sample.running, sample.waiting, rate))
+        return Reading(now, load=EngineLoad(pod, sample.running, sample.waiting, rate, sample.engines))
 
     async def _read_into_cache(self, client: httpx.AsyncClient, slots: asyncio.Semaphore, target: Target) -> None:
         try:

@@ -52,6 +52,13 @@ class Model(BaseModel):
         """The object as the Kubernetes API stores it: camelCase, unset optionals left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+    def merge_patch(self) -> dict:
+        """The object as a JSON merge patch that leaves nothing of an older value behind: every
+        field this version knows, absent ones null, nested objects too (lists replace whole)."""
+        wire = self.to_wire()
+        return {field.alias: value.merge_patch() if isinstance(value := getattr(self, name), Model)
+                else wire.get(field.alias) for name, field in type(self).model_fields.items()}
+
     @classmethod
     def from_stored(cls, raw: dict | None):
         """Parse what the API stored, keeping only the fields this version knows (kopf and older

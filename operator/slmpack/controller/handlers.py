@@ -160,8 +160,9 @@ async def deployment_index(namespace, name, body, **_):
 
 @kopf.index(API_GROUP, API_VERSION, "slmdeployments")
 async def deployments_by_profile(namespace, name, status, **_):
-    profile = status.get("profile")
-    return {(namespace, profile): name} if profile else None
+    # Under None: deployments whose status names no profile yet, such as one that has just
+    # created its profile and not yet recorded it.
+    return {(namespace, status.get("profile")): name}
 
 
 @kopf.index(API_GROUP, API_VERSION, "slmdeployments")
@@ -380,6 +381,13 @@ class Controller:
         store = self.indices[index].get(key)
         return tuple(store) if store else ()
 
+    def queue_profile_users(self, namespace: str, profile: str) -> None:
+        # A deployment's status names its profile only after the reconcile that created it, and a
+        # profile can become Ready before that write is seen: queue those without a profile too.
+        for deployment in (*self.all("deployments_by_profile", (namespace, profile)),
+                           *self.all("deployments_by_profile", (namespace, None))):
+            self.queue.add((namespace, deployment))
+
     def snapshot(self, namespace: str, name: str) -> ClusterSnapshot:
         return ClusterSnapshot(
             nodes=self.all("node_index", None),
@@ -474,8 +482,8 @@ class Controller:
                 except Conflict:
                     CONFLICTS.inc()
                     user_pending = True
-        status = status_patch(decision.status)
-        if status != status_patch(SLMDeploymentStatus.from_stored(original.get("status"))):
+        status = decision.status.merge_patch()
+        if status != SLMDeploymentStatus.from_stored(original.get("status")).merge_patch():
             meta = original["metadata"]
             self.written[meta["namespace"], meta["name"]] = self.kube.patch_deployment_status(
                 meta["namespace"], meta["name"], status, meta["resourceVersion"])
@@ -560,12 +568,6 @@ def with_created(snapshot: ClusterSnapshot, created: list[dict]) -> ClusterSnaps
     profiles = tuple(o for o in created if o["kind"] == "SLMProfile")
     jobs = tuple(profiling_job(o) for o in created if o["kind"] == "Job")
     return replace(snapshot, profiles=snapshot.profiles + profiles, jobs=snapshot.jobs + jobs)
-
-
-def status_patch(status: SLMDeploymentStatus) -> dict:
-    # Every known field is written, absent ones as None, so a merge patch also clears them.
-    wire = status.to_wire()
-    return {field.alias: wire.get(field.alias) for field in SLMDeploymentStatus.model_fields.values()}
 
 
 def operator_peer(namespace: str, pod_labels: str) -> dict | None:
@@ -678,11 +680,9 @@ async def slmprofile_event(name, namespace, body, type, **_) -> None:
     if _profile_seen.get((namespace, name)) == seen:
         return
     _profile_seen[(namespace, name)] = seen
-    for deployment in controller().all("deployments_by_profile", (namespace, name)):
-        controller().queue.add((namespace, deployment))
+    controller().queue_profile_users(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={PROFILE_LABEL: kopf.PRESENT})
 async def profiling_job_event(labels, namespace, **_) -> None:
-    for deployment in controller().all("deployments_by_profile", (namespace, labels[PROFILE_LABEL])):
-        controller().queue.add((namespace, deployment))
+    controller().queue_profile_users(namespace, labels[PROFILE_LABEL])

@@ -27,12 +27,13 @@ from slmpack.core.packs import in_pack, layout, packs_for
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """One replica's engine, as its /metrics last read."""
+    """One replica pod's engines, as its /metrics last read: one engine, or a pack pod's that reported."""
 
     pod: str
     running: float
     waiting: float
     tokens_per_s: float | None = None  # generated tokens per second since the previous read
+    engines: int = 1
 
     @property
     def load(self) -> float:
@@ -90,9 +91,10 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
                  queued: float = 0.0) -> ScalingDecision:
     """How many replicas to run over all packs, and why.
 
-    `current` replicas are laid out over `pack_names` in order; `loads` are the engines read
-    this time, `ready` the replicas that pass their readiness probe; `queued` the requests waiting
-    at the deployment's routers, which the engines, capped at their knee, do not see.
+    `current` replicas are laid out over `pack_names` in order; `loads` are the pods read this
+    time (a pack pod's reading covers its engines), `ready` the replicas (engines) that serve;
+    `queued` the requests waiting at the deployment's routers, which the engines, capped at their
+    knee, do not see.
     """
     low, high = bounds(policy, per_pack)
     if not low <= current <= high:
@@ -105,7 +107,7 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
     mean = total / current
     # A replica that reported nothing (starting, or unschedulable) counts as idle against scaling up and as on
     # target against scaling in, as the HorizontalPodAutoscaler counts pods without metrics.
-    missing = current - len(loads)
+    missing = max(current - sum(e.engines for e in loads), 0)
     at_most = min(max(math.ceil((total + missing * per_replica_target) / per_replica_target), low), high)
     tokens = sum(e.tokens_per_s or 0 for e in loads)
     numbers = (f"load {total:g} requests (running + waiting" + (f", {queued:g} of them queued at the router"
@@ -114,7 +116,7 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
                f"target {per_replica_target:g} ({policy.target_knee_percent}% of knee batch {knee_batch}), "
                f"{tokens:.0f} tokens/s")
     wanted = min(max(math.ceil(total / per_replica_target), low), high)
-    by_pack = {e.pod: e.load for e in loads}
+    by_pod = {e.pod: e for e in loads}
     sizes = layout(current, per_pack)
     if wanted > current:
         if ready < current:
@@ -126,7 +128,7 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
             return ScalingDecision(target, "up", "PackHasFreeSlots",
                                    f"{numbers}: {target - current} more in pack {pack_names[len(sizes) - 1]}, "
                                    f"whose GPU has {room - current} free slot(s)", mean)
-        busy = [name for name in pack_names[:len(sizes)] if _pack_load(name, by_pack) >= per_replica_target]
+        busy = [name for name in pack_names[:len(sizes)] if _pack_load(name, by_pod) >= per_replica_target]
         if len(busy) < len(sizes):
             return ScalingDecision(current, "none", "PacksBelowKnee",
                                    f"{numbers}: all packs are full but {len(sizes) - len(busy)} are below the knee "
@@ -137,7 +139,7 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
                                f"takes another GPU with {target - current} replica(s)", mean)
     if missing and at_most >= current:
         return ScalingDecision(current, "none", "MetricsUnavailable",
-                               f"{numbers}: {len(loads)}/{current} replicas reported their engine metrics, "
+                               f"{numbers}: {current - missing}/{current} replicas reported their engine metrics, "
                                f"holding {current}", mean)
     wanted = at_most  # scale in no further than the replicas without metrics allow
     if wanted < current:
@@ -154,7 +156,8 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
     return ScalingDecision(current, "none", "AtTarget", f"{numbers}: {current} replicas hold the target", mean)
 
 
-def _pack_load(pack: str, by_pod: dict[str, float]) -> float:
-    """Mean load per replica of one pack."""
-    mine = [load for pod, load in by_pod.items() if in_pack(pack, pod)]
-    return sum(mine) / len(mine) if mine else 0.0
+def _pack_load(pack: str, by_pod: dict[str, EngineLoad]) -> float:
+    """Mean load per replica (engine) of one pack."""
+    mine = [e for pod, e in by_pod.items() if in_pack(pack, pod)]
+    engines = sum(e.engines for e in mine)
+    return sum(e.load for e in mine) / engines if engines else 0.0

@@ -610,7 +610,10 @@ class _Decider:
         self.condition(cond.METRICS_AVAILABLE, readable, reason, message, warn=not readable, news_when_new=not readable)
         queued = sum(e.waiting for e in self.cluster.engine_loads if e.pod in self.cluster.router_pods
                      and math.isfinite(e.waiting))
-        choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, sum(p.ready for p in mine),
+        pack_pod = spec.placement == Placement.pack_pod
+        sizes = layout(current, per_pack)
+        ready = sum(ready_engines(name, sizes[i], mine, pack_pod) for i, name in enumerate(names))
+        choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, ready,
                               before.last_scale_time if before else None, self.now, queued)
         self.decision.scaling = choice
         last = self.now if choice.changed else (before.last_scale_time if before else None)
