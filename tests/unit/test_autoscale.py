@@ -59,6 +59,31 @@ def test_scaling_decision(why, policy, current, engines, ready, since, replicas,
         decision.message
 
 
+def pack_pods(*loads_per_pod: float) -> list[EngineLoad]:
+    """One reading per pack pod, each covering its pack's PER_PACK engines."""
+    return [EngineLoad(f"{PACKS[p]}-0", running=load, waiting=0, engines=PER_PACK)
+            for p, load in enumerate(loads_per_pod)]
+
+
+WHOLE_PACK_CASES = [
+    # A pack pod's engines change only with the pod, which restarts them all: packs come and go whole.
+    ("a pack pod at its knee takes a whole second pack", 4, pack_pods(120), None, 8, "up", "AllPacksAtKnee"),
+    ("below target a pack pod keeps all its engines", 4, pack_pods(30), 400, 4, "none", "AtTarget"),
+    ("an idle second pack pod leaves whole", 8, pack_pods(30, 0), 400, 4, "down", "BelowTarget"),
+    ("a count that is no whole pack is rounded up", 3, pack_pods(30), None, 4, "up", "OutOfBounds"),
+]
+
+
+@pytest.mark.parametrize(("why", "current", "engines", "since", "replicas", "direction", "reason"),
+                         WHOLE_PACK_CASES, ids=[c[0] for c in WHOLE_PACK_CASES])
+def test_pack_pods_scale_by_whole_packs(why, current, engines, since, replicas, direction, reason):
+    last = NOW - timedelta(seconds=since) if since is not None else None
+    decision = decide_scale(AutoscalingSpec(), current, PER_PACK, KNEE, PACKS, engines, current, last, NOW,
+                            whole_packs=True)
+    assert (decision.replicas, decision.direction, decision.reason) == (replicas, direction, reason), \
+        decision.message
+
+
 def test_the_message_carries_the_numbers_behind_the_decision():
     decision = decide_scale(AutoscalingSpec(), 4, PER_PACK, KNEE, PACKS,
                             [EngineLoad(f"chat-{i}", 30, 0, tokens_per_s=100) for i in range(4)], 4, None, NOW)

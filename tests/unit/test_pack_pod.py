@@ -91,6 +91,27 @@ def test_ready_engines_count_the_ready_pack_pods_engines():
     assert condition(decision, "Available").status == "True"
 
 
+def test_autoscaled_pack_pods_start_full_and_a_busy_one_adds_a_whole_second_pack_pod():
+    from datetime import timedelta
+
+    from slmpack.core.autoscale import EngineLoad
+    from slmpack.core.decide import with_status
+
+    body = pack_pod(autoscaling={"maxPacks": 2})
+    first = decide(body, ClusterSnapshot((PLAIN,), (profile(),)), NOW)
+    per_pack = first.status.plan.replicas
+    # Its engines change only with the pod, so the first pack pod starts with all of them.
+    assert first.status.autoscaling.replicas == per_pack > 1
+    assert len(supervisor_of(of_kind(first.apply, "StatefulSet", "chat")[0]).engines) == per_pack
+    knee = first.status.plan.knee_batch_size
+    # One reading from the pod's supervisor covers its engines, all at the knee.
+    busy = ClusterSnapshot((PLAIN,), (profile(),), pods=(ReplicaState("chat-0", ready=True, node=PLAIN.name),),
+                           engine_loads=(EngineLoad("chat-0", running=knee * per_pack, waiting=0, engines=per_pack),))
+    grown = decide(with_status(body, first.status), busy, NOW + timedelta(seconds=15))
+    assert (grown.scaling.reason, grown.status.autoscaling.replicas) == ("AllPacksAtKnee", 2 * per_pack)
+    assert [len(supervisor_of(s).engines) for s in of_kind(grown.apply, "StatefulSet")] == [per_pack, per_pack]
+
+
 def test_time_slicing_runs_no_daemon_and_no_mps_caps():
     decision = decide(pack_pod(sharing="time-slicing"), ClusterSnapshot((PLAIN,), (profile(),)), NOW)
     config = supervisor_of(of_kind(decision.apply, "StatefulSet")[0])

@@ -125,7 +125,43 @@ class Engine:
         self.server.shutdown()
 
 
-def endpoints(*engines: Engine) -> dict:
+class FaultyEngine:
+    """An engine that dies on each request it takes: before answering a byte (`chunks_first` 0), or after
+    streaming that many chunks, as a killed engine process does."""
+
+    def __init__(self, name: str, chunks_first: int = 0):
+        self.name, self.taken = name, 0
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                engine.taken += 1
+                if chunks_first:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(chunks_first):
+                        data = f"data: {{\"engine\": \"{engine.name}\", \"i\": {i}}}\n\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                self.close_connection = True  # gone, with no end of the stream
+
+            def log_message(self, *_):
+                pass
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def endpoints(*engines: Engine | FaultyEngine) -> dict:
     """The Endpoints object the engines' headless Service would have, with these ready."""
     return {"subsets": [{"addresses": [{"ip": e.address.split(":")[0], "targetRef": {"name": e.name}}],
                          "ports": [{"name": "http", "port": int(e.address.split(":")[1])}]} for e in engines]}
@@ -151,7 +187,7 @@ class Router:
         self.runtime = HAProxyRuntime(socket_path)
         self.agent = Agent(self.runtime, "engines", maxconn, ("http",), resync_s=5)
 
-    def follow(self, *engines: Engine) -> list[str]:
+    def follow(self, *engines: Engine | FaultyEngine) -> list[str]:
         self.agent.saw(endpoints(*engines))
         return self.agent.converge()
 
@@ -285,6 +321,33 @@ def test_a_leaving_engine_finishes_its_streams_and_gets_no_new_request(router):
     assert [s.name for s in parse_stat(r.runtime.command("show stat"))] == ["chat-0"]
     staying.close()
     leaving.close()
+
+
+def backend_counter(metrics_url: str, name: str) -> float:
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(metrics_url).text)
+               for sample in family.samples if sample.name == name and sample.labels.get("proxy") == "engines")
+
+
+@needs_haproxy
+def test_a_request_its_engine_dropped_unanswered_is_retried_and_a_cut_stream_is_counted(router):
+    dying, serving = FaultyEngine("chat-0"), Engine("chat-1")
+    r = router(spec(), maxconn=4)
+    r.follow(dying, serving)
+    with httpx.Client() as client:
+        replies = [complete(r.url, client) for _ in range(8)]
+    # Nothing had reached the client from the dying engine, so every request it took went to the other.
+    assert [reply.status_code for reply in replies] == [200] * 8 and serving.served == 8
+    assert dying.taken >= 1
+    assert backend_counter(f"{r.metrics}/metrics", "haproxy_backend_retry_warnings_total") >= dying.taken
+    # A stream its engine cut cannot be retried (the client has its first tokens): it fails, and is counted.
+    cutting = FaultyEngine("chat-2", chunks_first=1)
+    r.follow(cutting)
+    with pytest.raises(httpx.RemoteProtocolError):
+        complete(r.url)
+    assert cutting.taken == 1
+    assert backend_counter(f"{r.metrics}/metrics", "haproxy_backend_server_aborts_total") == 1
+    for engine in (dying, serving, cutting):
+        engine.close()
 
 
 @needs_haproxy

@@ -81,26 +81,31 @@ class ScalingDecision:
         return self.direction != "none"
 
 
-def bounds(policy: AutoscalingSpec, per_pack: int) -> tuple[int, int]:
-    """The fewest and most replicas: minPacks packs with one replica in the last, and maxPacks full packs."""
-    return (policy.min_packs - 1) * per_pack + 1, policy.max_packs * per_pack
+def bounds(policy: AutoscalingSpec, per_pack: int, whole_packs: bool = False) -> tuple[int, int]:
+    """The fewest and most replicas: minPacks packs with one replica in the last (or full, with whole
+    packs), and maxPacks full packs."""
+    return policy.min_packs * per_pack if whole_packs else (policy.min_packs - 1) * per_pack + 1, \
+        policy.max_packs * per_pack
 
 
 def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batch: int, pack_names: list[str],
                  loads: list[EngineLoad], ready: int, last_scale: datetime | None, now: datetime,
-                 queued: float = 0.0) -> ScalingDecision:
+                 queued: float = 0.0, whole_packs: bool = False) -> ScalingDecision:
     """How many replicas to run over all packs, and why.
 
     `current` replicas are laid out over `pack_names` in order; `loads` are the pods read this
     time (a pack pod's reading covers its engines), `ready` the replicas (engines) that serve;
     `queued` the requests waiting at the deployment's routers, which the engines, capped at their
-    knee, do not see.
+    knee, do not see. `whole_packs`: each pack is one pod, whose engine count cannot change without
+    restarting all its engines, so packs are added and removed whole.
     """
-    low, high = bounds(policy, per_pack)
-    if not low <= current <= high:
-        target = min(max(current, low), high)
+    low, high = bounds(policy, per_pack, whole_packs)
+    step = per_pack if whole_packs else 1
+    if not low <= current <= high or current % step:
+        target = min(max(_whole(current, step), low), high)
+        unit = f" in whole packs of {per_pack}" if whole_packs else ""
         return ScalingDecision(target, "up" if target > current else "down", "OutOfBounds",
-                               f"{current} replicas are outside {low}..{high} (minPacks {policy.min_packs}, "
+                               f"{current} replicas are outside {low}..{high}{unit} (minPacks {policy.min_packs}, "
                                f"maxPacks {policy.max_packs} of {per_pack} slots): {target} replicas")
     per_replica_target = knee_batch * policy.target_knee_percent / 100
     total = sum(e.load for e in loads) + queued
@@ -108,14 +113,15 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
     # A replica that reported nothing (starting, or unschedulable) counts as idle against scaling up and as on
     # target against scaling in, as the HorizontalPodAutoscaler counts pods without metrics.
     missing = max(current - sum(e.engines for e in loads), 0)
-    at_most = min(max(math.ceil((total + missing * per_replica_target) / per_replica_target), low), high)
+    at_most = min(max(_whole(math.ceil((total + missing * per_replica_target) / per_replica_target), step), low),
+                  high)
     tokens = sum(e.tokens_per_s or 0 for e in loads)
     numbers = (f"load {total:g} requests (running + waiting" + (f", {queued:g} of them queued at the router"
                                                                 if queued else "")
                + f") over {current} replicas = {mean:.1f} per replica, "
                f"target {per_replica_target:g} ({policy.target_knee_percent}% of knee batch {knee_batch}), "
                f"{tokens:.0f} tokens/s")
-    wanted = min(max(math.ceil(total / per_replica_target), low), high)
+    wanted = min(max(_whole(math.ceil(total / per_replica_target), step), low), high)
     by_pod = {e.pod: e for e in loads}
     sizes = layout(current, per_pack)
     if wanted > current:
@@ -154,6 +160,11 @@ def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batc
                                f"{numbers}: {wanted} replicas hold the target, the highest {current - wanted} "
                                f"drain and stop{gpus}", mean)
     return ScalingDecision(current, "none", "AtTarget", f"{numbers}: {current} replicas hold the target", mean)
+
+
+def _whole(replicas: int, step: int) -> int:
+    """Replicas rounded up to a multiple of step."""
+    return -(-replicas // step) * step
 
 
 def _pack_load(pack: str, by_pod: dict[str, EngineLoad]) -> float:

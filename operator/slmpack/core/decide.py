@@ -599,7 +599,8 @@ class _Decider:
             self.status.autoscaling = None
             self.status.conditions = cond.without_condition(self.status.conditions, cond.METRICS_AVAILABLE)
             return [per_pack] * spec.packs
-        low, high = bounds(policy, per_pack)
+        pack_pod = spec.placement == Placement.pack_pod
+        low, high = bounds(policy, per_pack, whole_packs=pack_pod)
         before = self.before.autoscaling
         current = before.replicas if before else min(max(self.before.replicas or low, low), high)
         names = [pack_name(self.name, i) for i in range(packs_for(current, per_pack))]
@@ -610,11 +611,10 @@ class _Decider:
         self.condition(cond.METRICS_AVAILABLE, readable, reason, message, warn=not readable, news_when_new=not readable)
         queued = sum(e.waiting for e in self.cluster.engine_loads if e.pod in self.cluster.router_pods
                      and math.isfinite(e.waiting))
-        pack_pod = spec.placement == Placement.pack_pod
         sizes = layout(current, per_pack)
         ready = sum(ready_engines(name, sizes[i], mine, pack_pod) for i, name in enumerate(names))
         choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, ready,
-                              before.last_scale_time if before else None, self.now, queued)
+                              before.last_scale_time if before else None, self.now, queued, whole_packs=pack_pod)
         self.decision.scaling = choice
         last = self.now if choice.changed else (before.last_scale_time if before else None)
         self.status.autoscaling = AutoscalingStatus(replicas=choice.replicas, last_scale_time=last,
