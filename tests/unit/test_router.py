@@ -68,11 +68,12 @@ class QuietServer(ThreadingHTTPServer):
 
 
 class Engine:
-    """An OpenAI-like engine that streams `chunks` SSE events `gap_s` apart, counting what it serves and the
-    most requests it held at once."""
+    """An OpenAI-like engine that streams `chunks` SSE events `gap_s` apart, counting what it takes and serves and
+    the most requests it held at once. With `dies_after`, it drops each request as a killed engine process
+    does: after that many chunks, none (0) being before it answers a byte."""
 
-    def __init__(self, name: str, chunks: int = 3, gap_s: float = 0.05):
-        self.name, self.served, self.in_flight, self.most, self.auth = name, 0, 0, 0, set()
+    def __init__(self, name: str, chunks: int = 3, gap_s: float = 0.05, dies_after: int | None = None):
+        self.name, self.taken, self.served, self.in_flight, self.most, self.auth = name, 0, 0, 0, 0, set()
         self.sent: list[float] = []  # when each chunk left the engine (perf_counter)
         self.lock = threading.Lock()
         engine = self
@@ -83,20 +84,27 @@ class Engine:
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with engine.lock:
+                    engine.taken += 1
                     engine.in_flight += 1
                     engine.most = max(engine.most, engine.in_flight)
                     engine.auth.add(self.headers.get("Authorization"))
                 done = False
 
-                def finished():
+                def finished(served: bool = True):
                     nonlocal done
                     if not done:
                         done = True
                         with engine.lock:
                             engine.in_flight -= 1
-                            engine.served += 1
+                            engine.served += served
+
+                def die():
+                    finished(served=False)
+                    self.close_connection = True  # gone, with no end of the stream
 
                 try:
+                    if dies_after == 0:
+                        return die()
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.send_header("Transfer-Encoding", "chunked")
@@ -106,6 +114,8 @@ class Engine:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                         self.wfile.flush()
                         engine.sent.append(time.perf_counter())
+                        if dies_after == i + 1:
+                            return die()
                         time.sleep(gap_s)
                     # Counted out before the last chunk: once HAProxy has it, it may send the next request at
                     # once, and that one must not be counted beside this one.
@@ -125,43 +135,7 @@ class Engine:
         self.server.shutdown()
 
 
-class FaultyEngine:
-    """An engine that dies on each request it takes: before answering a byte (`chunks_first` 0), or after
-    streaming that many chunks, as a killed engine process does."""
-
-    def __init__(self, name: str, chunks_first: int = 0):
-        self.name, self.taken = name, 0
-        engine = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                engine.taken += 1
-                if chunks_first:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    for i in range(chunks_first):
-                        data = f"data: {{\"engine\": \"{engine.name}\", \"i\": {i}}}\n\n".encode()
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-                self.close_connection = True  # gone, with no end of the stream
-
-            def log_message(self, *_):
-                pass
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
-def endpoints(*engines: Engine | FaultyEngine) -> dict:
+def endpoints(*engines: Engine) -> dict:
     """The Endpoints object the engines' headless Service would have, with these ready."""
     return {"subsets": [{"addresses": [{"ip": e.address.split(":")[0], "targetRef": {"name": e.name}}],
                          "ports": [{"name": "http", "port": int(e.address.split(":")[1])}]} for e in engines]}
@@ -187,7 +161,7 @@ class Router:
         self.runtime = HAProxyRuntime(socket_path)
         self.agent = Agent(self.runtime, "engines", maxconn, ("http",), resync_s=5)
 
-    def follow(self, *engines: Engine | FaultyEngine) -> list[str]:
+    def follow(self, *engines: Engine) -> list[str]:
         self.agent.saw(endpoints(*engines))
         return self.agent.converge()
 
@@ -330,7 +304,7 @@ def backend_counter(metrics_url: str, name: str) -> float:
 
 @needs_haproxy
 def test_a_request_its_engine_dropped_unanswered_is_retried_and_a_cut_stream_is_counted(router):
-    dying, serving = FaultyEngine("chat-0"), Engine("chat-1")
+    dying, serving = Engine("chat-0", dies_after=0), Engine("chat-1")
     r = router(spec(), maxconn=4)
     r.follow(dying, serving)
     with httpx.Client() as client:
@@ -340,7 +314,7 @@ def test_a_request_its_engine_dropped_unanswered_is_retried_and_a_cut_stream_is_
     assert dying.taken >= 1
     assert backend_counter(f"{r.metrics}/metrics", "haproxy_backend_retry_warnings_total") >= dying.taken
     # A stream its engine cut cannot be retried (the client has its first tokens): it fails, and is counted.
-    cutting = FaultyEngine("chat-2", chunks_first=1)
+    cutting = Engine("chat-2", dies_after=1)
     r.follow(cutting)
     with pytest.raises(httpx.RemoteProtocolError):
         complete(r.url)
