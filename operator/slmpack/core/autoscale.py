@@ -84,8 +84,8 @@ class ScalingDecision:
 def bounds(policy: AutoscalingSpec, per_pack: int, whole_packs: bool = False) -> tuple[int, int]:
     """The fewest and most replicas: minPacks packs with one replica in the last (or full, with whole
     packs), and maxPacks full packs."""
-    return policy.min_packs * per_pack if whole_packs else (policy.min_packs - 1) * per_pack + 1, \
-        policy.max_packs * per_pack
+    fewest = policy.min_packs * per_pack if whole_packs else (policy.min_packs - 1) * per_pack + 1
+    return fewest, policy.max_packs * per_pack
 
 
 def decide_scale(policy: AutoscalingSpec, current: int, per_pack: int, knee_batch: int, pack_names: list[str],
