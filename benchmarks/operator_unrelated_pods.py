@@ -32,17 +32,12 @@ from pathlib import Path
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
+from operator_bench import rss_mb  # the sibling script's reader (run as a script, this directory is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "slmpack.dev", "v1alpha1"
 SETTLE_SECONDS = 45
 NAMESPACES = 10
-
-
-def rss_mb(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def unrelated_pod(i: int) -> dict:
