@@ -50,6 +50,14 @@ def rss_mb(pid: int, key: str) -> float:
     return 0.0
 
 
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    """The measures as the Markdown table the write-ups quote."""
+    print("| measure | value | goal |")
+    print("|---|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,10 +207,7 @@ def main() -> None:
             core.delete_namespace(ns)
         core.delete_node(NODE)
     print(f"operator log: {log.name}")
-    print("| measure | value | goal |")
-    print("|---|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

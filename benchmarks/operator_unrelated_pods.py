@@ -32,7 +32,8 @@ from pathlib import Path
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
-from operator_bench import rss_mb  # the sibling script's reader (run as a script, this directory is on the path)
+# The sibling script's helpers: run as a script, this directory is on the path.
+from operator_bench import print_table, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "slmpack.dev", "v1alpha1"
@@ -141,10 +142,7 @@ def main() -> None:
             core.delete_namespace(ns)
         core.delete_node(node)
     print(f"operator logs: {first_log}, {second_log}")
-    print("| measure | value | goal |")
-    print("|---|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":
