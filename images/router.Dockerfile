@@ -8,6 +8,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && haproxy -vv | grep -q PROMEX
 USER 10001:10001
+# The kubelet stops a container with its image's stop signal: SIGUSR1 is HAProxy's soft stop, which lets the
+# requests in flight finish (SIGTERM would cut them). HAProxy's own image does the same.
+STOPSIGNAL SIGUSR1
 EXPOSE 8000 8404
 ENTRYPOINT []
 CMD ["haproxy", "-db", "-f", "/etc/haproxy/haproxy.cfg"]

@@ -1,5 +1,5 @@
 """The router on the real test bed, with stand-in engines: one keep-alive client reaches every replica, a
-replica that leaves finishes its streams while the traffic goes on without a failure, and a burst beyond
+replica and a router that leave finish their streams while the traffic goes on without a failure, and a burst beyond
 the engines' caps and the queue gets 429 with Retry-After. The deployment's Service keeps its name and port."""
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def test_one_keep_alive_client_reaches_every_replica(k, fake_engines):
     assert max(answered.values()) <= 1.25 * min(answered.values()), answered
 
 
-def stream(url: str, results: list, key: str = "Bearer sk-test") -> None:
+def stream(url: str, results: list, key: str = "Bearer sk-test", tokens: int = 8) -> None:
+    """A streamed completion of `tokens` events, 0.5 s apart (the stand-in's pace), and [DONE]."""
     try:
-        with httpx.stream("POST", url, json={"model": "chat", "prompt": "hi", "max_tokens": 8, "stream": True},
+        with httpx.stream("POST", url, json={"model": "chat", "prompt": "hi", "max_tokens": tokens, "stream": True},
                           headers={"Authorization": key}, timeout=60) as reply:
             events = [line for line in reply.iter_lines() if line.startswith("data:")]
         results.append((reply.status_code, events))
@@ -94,7 +95,10 @@ def stream(url: str, results: list, key: str = "Bearer sk-test") -> None:
         results.append((None, [repr(error)]))
 
 
-def test_a_leaving_replica_finishes_its_streams_and_no_request_fails(k, fake_engines):
+def test_a_leaving_replica_and_a_leaving_router_finish_their_streams_and_no_request_fails(k, fake_engines):
+    """Streams of 15 s, longer than the 10 s a leaving replica keeps serving before its engine's SIGTERM: the
+    engine finishes them (vLLM's --shutdown-timeout), and so does the router pod deleted at the same time
+    (HAProxy's soft stop, the router image's stop signal)."""
     with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("chat", replicas=3, **fake_engine_spec(fake_engines)))
         wait(lambda: k.status("chat").get("readyReplicas") == 3, 180, "three replicas ready")
@@ -102,20 +106,23 @@ def test_a_leaving_replica_finishes_its_streams_and_no_request_fails(k, fake_eng
         traffic = Traffic(url)
         traffic.start()
         streams: list = []
-        threads = [threading.Thread(target=stream, args=(url, streams)) for _ in range(6)]  # 4 s each
+        threads = [threading.Thread(target=stream, args=(url, streams), kwargs={"tokens": 30}) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        time.sleep(1)
         k.patch("chat", {"replicas": 2})  # chat-2 leaves while it streams
-        wait(lambda: len(k.core.list_namespaced_pod(k.ns, label_selector="slmpack.dev/deployment=chat").items) == 2,
-             120, "the third replica gone")
+        router = k.core.list_namespaced_pod(k.ns, label_selector="app.kubernetes.io/name=slmpack-router").items[0]
+        k.core.delete_namespaced_pod(router.metadata.name, k.ns)  # and so does a router
         for t in threads:
             t.join()
+        wait(lambda: len(k.core.list_namespaced_pod(k.ns, label_selector="slmpack.dev/deployment=chat").items) == 2,
+             120, "the third replica gone")
+        time.sleep(2)  # requests keep coming while the router is replaced
         traffic.stop.set()
         traffic.join()
     assert runner.exception is None, runner.output
     assert [code for code, _ in streams] == [200] * 6, streams
-    assert all(len(events) == 9 for _, events in streams), streams  # every stream whole, [DONE] included
+    assert all(len(events) == 31 for _, events in streams), streams  # every stream whole, [DONE] included
     assert traffic.failures == [] and traffic.ok > 10
 
 

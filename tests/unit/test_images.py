@@ -36,8 +36,8 @@ def test_by_default_the_names_stay_as_make_images_loads_them(helm):  # noqa: F81
 
 def test_a_registry_qualifies_every_image_and_a_digest_replaces_the_tag(helm):  # noqa: F811
     docs = render(helm, "imageRegistry=registry.example.com:5000/ml/", f"operator.image.digest={DIGEST}",
-                  f"engine.image.digest={DIGEST}", "monitoring.prometheus.enabled=true",
-                  "exporter.engineCacheHostPath=/var/cache/x")
+                  f"engine.image.digest={DIGEST}", f"router.image.digest={DIGEST}",
+                  "monitoring.prometheus.enabled=true", "exporter.engineCacheHostPath=/var/cache/x")
     found = images(docs)
     assert found["Deployment/operator"] == f"registry.example.com:5000/ml/slmpack/operator@{DIGEST}"
     assert found["DaemonSet/exporter"] == found["DaemonSet/engine-cache"] == \
@@ -47,6 +47,9 @@ def test_a_registry_qualifies_every_image_and_a_digest_replaces_the_tag(helm):  
     env = operator_env(docs)
     assert env["SLMPACK_ENGINE_IMAGE"] == f"registry.example.com:5000/ml/slmpack/engine@{DIGEST}"
     assert env["SLMPACK_CPU_ENGINE_IMAGE"] == "registry.example.com:5000/ml/slmpack/engine-cpu:0.1.0"
+    # Each deployment's router: HAProxy, and its agent from the operator's own image.
+    assert env["SLMPACK_ROUTER_IMAGE"] == f"registry.example.com:5000/ml/slmpack/router@{DIGEST}"
+    assert env["SLMPACK_ROUTER_AGENT_IMAGE"] == found["Deployment/operator"]
 
 
 @pytest.mark.parametrize(("value", "message"), [

@@ -15,6 +15,8 @@ from slmpack.core.conditions import (
 )
 from slmpack.core.manifests import (
     DEFAULT_ENGINE_UID,
+    DRAIN_SECONDS,
+    FINISH_SECONDS,
     Owner,
     build_pack_pod,
     build_profiling_job,
@@ -24,6 +26,8 @@ from slmpack.core.manifests import (
     profile_conditions,
     profile_name,
 )
+from slmpack.core.packpod import SUPERVISOR_CONFIG_ENV, SupervisorConfig
+from slmpack.core.router import ROUTER_DRAIN_SECONDS, RouterImages, build_router
 from slmpack.core.validation import GPUNode
 
 OWNER = Owner(kind="SLMDeployment", name="chat", uid="u-1", namespace="team")
@@ -304,3 +308,24 @@ def test_a_slot_holder_reports_its_gpu_and_ends_once_the_profiler_has_ended_howe
         assert running.wait(10) == 143 and (tmp_path / "done").exists()
     finally:
         running.kill()
+
+
+def test_a_stopping_engine_finishes_its_requests_within_the_pods_grace():
+    """vLLM aborts what it holds on SIGTERM unless --shutdown-timeout says how long to finish it: every engine
+    gets it, and every pod's grace period (the pack pod's supervisor's too, and the routers' in front) covers
+    the drain before the SIGTERM and that time."""
+    finish = ["--shutdown-timeout", str(FINISH_SECONDS)]
+    pod = build_statefulset(OWNER, spec(), PLAN, None)["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--shutdown-timeout"):][:2] == finish
+    assert pod["terminationGracePeriodSeconds"] >= DRAIN_SECONDS + FINISH_SECONDS
+
+    pack = build_pack_pod(OWNER, spec(placement="pack-pod"), PLAN, None)["spec"]["template"]["spec"]
+    config = SupervisorConfig.model_validate_json(
+        next(e["value"] for e in pack["containers"][0]["env"] if e["name"] == SUPERVISOR_CONFIG_ENV))
+    assert all(e.command[e.command.index("--shutdown-timeout"):][:2] == finish for e in config.engines)
+    assert config.stop_grace_seconds > FINISH_SECONDS
+    assert pack["terminationGracePeriodSeconds"] >= config.drain_seconds + config.stop_grace_seconds
+
+    router = build_router(OWNER, spec(), PLAN, RouterImages("haproxy", "agent"))["spec"]["template"]["spec"]
+    assert router["terminationGracePeriodSeconds"] >= ROUTER_DRAIN_SECONDS + FINISH_SECONDS

@@ -84,6 +84,27 @@ def test_the_router_reaches_each_engine_port_and_checks_each_engine():
     assert service["spec"]["selector"]["app.kubernetes.io/name"] == "slmpack-router"
 
 
+def test_secrets_reach_the_engines_and_the_network_policy_opens_every_engine_port():
+    """A secretKeyRef and the API key reach the pack pod's engines through the container's environment, which
+    they inherit, never through the supervisor's configuration; the policy opens each engine's port and the
+    supervisor's, whose /metrics the operator reads."""
+    hf_token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    decision = decide(pack_pod(engine={"env": [hf_token]}, apiKeySecretRef={"name": "key", "key": "k"},
+                               networkPolicy={"allowFrom": [{"podSelector": {"matchLabels": {"app": "web"}}}]}),
+                      ClusterSnapshot((PLAIN,), (profile(),)), NOW)
+    [pack] = of_kind(decision.apply, "StatefulSet")
+    [container] = pack["spec"]["template"]["spec"]["containers"]
+    by_name = {e["name"]: e for e in container["env"]}
+    assert by_name["HF_TOKEN"] == hf_token
+    assert by_name["VLLM_API_KEY"] == {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "key",
+                                                                                             "key": "k"}}}
+    assert all("HF_TOKEN" not in e.env and "VLLM_API_KEY" not in e.env for e in supervisor_of(pack).engines)
+    assert container["resources"]["requests"]["ephemeral-storage"] == "1Gi"
+    [policy] = of_kind(decision.apply, "NetworkPolicy")
+    [rule] = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [8000, 8001, 8002, 8003, supervisor_of(pack).port]
+
+
 def test_ready_engines_count_the_ready_pack_pods_engines():
     snapshot = ClusterSnapshot((PLAIN,), (profile(),), pods=(ReplicaState("chat-0", ready=True, node=PLAIN.name),))
     decision = decide(pack_pod(), snapshot, NOW)

@@ -9,9 +9,11 @@ listed for it, which is why its namespace must be labelled privileged (README, S
 import pytest
 
 from slmpack.api.models import Plan, SLMDeploymentSpec
+from slmpack.core.decide import ClusterSnapshot, decide
 from slmpack.core.manifests import Owner, build_profiling_job, build_statefulset, profile_conditions
 from slmpack.core.validation import GPUNode
 from tests.unit.test_chart import helm, render  # noqa: F401  (the helm fixture)
+from tests.unit.test_decide import NOW
 
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
@@ -140,3 +142,20 @@ def test_the_checker_sees_what_breaks_the_rules():
             "volumes": [{"name": "v", "gitRepo": {"repository": "x"}}]}
     assert violations(root) == {"hostPorts", "privileged", "allowPrivilegeEscalation", "runAsNonRoot", "runAsUser",
                                 "seccompProfile", "capabilities", "restrictedVolumes"}
+
+
+def test_the_routers_and_the_pack_pods_are_restricted_too():
+    """Every pod template the operator applies for a routed deployment, in both placements: the routers'
+    Deployment beside the replica packs, or beside the pack pods."""
+    from tests.unit.test_decide import deployment, node
+    from tests.unit.test_pack_pod import PLAIN, pack_pod, profile
+
+    packs = decide(deployment(replicas=2), ClusterSnapshot((node("gpu-a", 1),)), NOW)
+    pack_pods = decide(pack_pod(), ClusterSnapshot((PLAIN,), (profile(),)), NOW)
+    for decision in (packs, pack_pods):
+        kinds = sorted(o["kind"] for o in decision.apply if o["kind"] in ("StatefulSet", "Deployment"))
+        assert kinds == ["Deployment", "StatefulSet"]  # the routers, and one pack
+        for workload in (o for o in decision.apply if o["kind"] in kinds):
+            pod = workload["spec"]["template"]["spec"]
+            assert violations(pod) == set(), workload["metadata"]["name"]
+            assert all(c["resources"]["requests"].get("ephemeral-storage") for c in pod["containers"])

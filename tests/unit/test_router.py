@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -238,6 +239,33 @@ def test_streams_pass_through_as_they_are_generated(router):
     # which a token stream pays on its first token and on every one after a pause. Timed from the engine's
     # write, so a busy machine's slower connection set-up does not count.
     assert arrivals[0] - engine.sent[0] < 0.12, (arrivals, engine.sent)
+    engine.close()
+
+
+@needs_haproxy
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_the_router_images_stop_signal_lets_a_stream_in_flight_finish(router, signal_name):
+    """The kubelet stops a router with its image's stop signal. SIGUSR1, HAProxy's soft stop, lets a stream in
+    flight finish and then exits; SIGTERM, the default, cuts it: so the image must say SIGUSR1."""
+    stop_signal = re.search(r"^STOPSIGNAL (\w+)$", (ROOT / "images/router.Dockerfile").read_text(), re.M)
+    assert stop_signal and stop_signal.group(1) == "SIGUSR1"
+    engine = Engine("chat-0", chunks=6, gap_s=0.3)
+    r = router(spec(), maxconn=4)
+    r.follow(engine)
+    events, cut = [], False
+    try:
+        with httpx.stream("POST", f"{r.url}/v1/completions", json={"stream": True}, timeout=30) as reply:
+            for line in filter(None, reply.iter_lines()):
+                if not events:
+                    r.process.send_signal(getattr(signal, signal_name))
+                events.append(line)
+    except httpx.RemoteProtocolError:
+        cut = True
+    r.process.wait(10)  # HAProxy has exited either way
+    if signal_name == "SIGUSR1":
+        assert len(events) == 6 and not cut, events
+    else:
+        assert len(events) < 6 and cut, events
     engine.close()
 
 

@@ -154,8 +154,10 @@ def test_the_policy_is_applied_while_set_and_deleted_once_unset_but_only_the_dep
     nodes = (node("gpu-a", 1),)
     with_policy = decide(deployment(replicas=2, networkPolicy={"allowFrom": [{}]}),
                          ClusterSnapshot(nodes, operator_peer=OPERATOR_PEER), NOW)
-    [policy] = [o for o in with_policy.apply if o["kind"] == "NetworkPolicy"]
-    assert policy["metadata"]["name"] == "chat-engines"
+    policy, routers = [o for o in with_policy.apply if o["kind"] == "NetworkPolicy"]
+    assert (policy["metadata"]["name"], routers["metadata"]["name"]) == ("chat-engines", "chat-router")
+    # The operator reads the routers' queue on HAProxy's metrics port, and nothing else.
+    assert routers["spec"]["ingress"][1] == {"from": [OPERATOR_PEER], "ports": [{"protocol": "TCP", "port": 8404}]}
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "d-1"
     ours = {**policy, "metadata": {**policy["metadata"], "uid": "np-1"}}
     copied = {**policy, "metadata": {**policy["metadata"], "name": "copy", "uid": "np-2", "ownerReferences": []}}
@@ -184,13 +186,21 @@ def test_the_secured_example_renders_objects_the_apiserver_schemas_accept(capsys
     code, docs, _ = render_cli(capsys, "-f", ROOT / "examples" / "slmdeployment-secured.yaml",
                                "--node", NODES / "h100-mps-r4-g1.yaml", "--profile", PROFILE)
     assert code == 0
-    assert [d["kind"] for d in docs] == ["Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceAccount",
-                                         "RoleBinding", "Service", "ConfigMap", "Deployment", "PodDisruptionBudget",
-                                         "StatefulSet", "SLMDeployment"]
-    # The routers send the clients' requests, so the engines' policy admits them.
-    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
-    routers = next(d for d in docs if d["kind"] == "Deployment")["spec"]["selector"]["matchLabels"]
-    assert {"podSelector": {"matchLabels": routers}} in policy["spec"]["ingress"][0]["from"]
+    assert [d["kind"] for d in docs] == ["Service", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy",
+                                         "ServiceAccount", "RoleBinding", "Service", "ConfigMap", "Deployment",
+                                         "PodDisruptionBudget", "StatefulSet", "SLMDeployment"]
+    # The routers send the clients' requests, so the engines' policy admits them; and the routers' own policy
+    # admits only the listed clients, so the engines' policy is no way around.
+    policy, router_policy = (d for d in docs if d["kind"] == "NetworkPolicy")
+    routers = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    engines = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert any(selects(peer["podSelector"], routers) for peer in policy["spec"]["ingress"][0]["from"])
+    assert selects(router_policy["spec"]["podSelector"], routers)
+    assert not selects(router_policy["spec"]["podSelector"], engines)
+    assert not selects(policy["spec"]["podSelector"], routers)
+    listed = next(d for d in docs if d["kind"] == "SLMDeployment")["spec"]["networkPolicy"]["allowFrom"]
+    [clients] = router_policy["spec"]["ingress"]  # `slmpack render` knows no operator to admit
+    assert (len(clients["from"]), clients["ports"]) == (len(listed), [{"protocol": "TCP", "port": 8000}])
     for obj in docs[:-1]:
         for release in RELEASES:
             kubernetes_validate.validate(obj, release, strict=True)

@@ -90,6 +90,7 @@ from slmpack.core.router import (
     build_router_access,
     build_router_config,
     build_router_disruption_budget,
+    build_router_network_policy,
     router_selector,
 )
 from slmpack.core.validation import (
@@ -459,10 +460,14 @@ class _Decider:
             else [None] * len(sizes)
         routers = {"podSelector": {"matchLabels": router_selector(self.name)}} \
             if spec.routing.mode == RoutingMode.router else None
-        policies = [build_network_policy(owner, spec, self.cluster.operator_peer, routers)] \
-            if spec.network_policy else []
-        if not policies:
-            self.decision.delete += [p for p in self.cluster.network_policies if controlled_by(p, owner.uid)]
+        pack_pod = spec.placement == Placement.pack_pod
+        policies = [build_network_policy(owner, spec, self.cluster.operator_peer, routers,
+                                         sizes if pack_pod else ())] if spec.network_policy else []
+        if policies and routers:
+            policies.append(build_router_network_policy(owner, spec, self.cluster.operator_peer))
+        wanted = {p["metadata"]["name"] for p in policies}
+        self.decision.delete += [p for p in self.cluster.network_policies
+                                 if controlled_by(p, owner.uid) and p["metadata"]["name"] not in wanted]
         budget = build_disruption_budget(owner, self.cluster.disruption_budget_api_version)
         objects = [build_service(owner, spec, self.service_selector(spec)), budget, *policies,
                    *self.routing(spec, decided)]
@@ -492,7 +497,6 @@ class _Decider:
         unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
         existing_policies = {o["metadata"]["name"]: o["spec"]["podManagementPolicy"]
                              for o in self.cluster.statefulsets if o.get("spec", {}).get("podManagementPolicy")}
-        pack_pod = spec.placement == Placement.pack_pod
         statefulsets = [build_pack_pod(owner, spec, decided, nodes[i], pack=i, engines=size, uid=self.engine_uid)
                         if pack_pod else build_statefulset(owner, spec, decided, nodes[i], claims[i], pack=i,
                                                            replicas=size, uid=self.engine_uid)

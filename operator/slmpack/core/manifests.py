@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from slmpack import API_GROUP
@@ -28,7 +28,7 @@ from slmpack.api.models import (
     SLMProfileSpec,
 )
 from slmpack.core.hardware import cpu_threads_env, resolve_dtype
-from slmpack.core.packpod import SUPERVISOR_CONFIG_ENV, engine_port_name, supervisor_config
+from slmpack.core.packpod import SUPERVISOR_CONFIG_ENV, engine_port_name, pack_pod_ports, supervisor_config
 from slmpack.core.scheduling import scheduling
 from slmpack.core.validation import (
     API_KEY_ENV,
@@ -61,8 +61,14 @@ ENGINE_CACHE = "/var/cache/slmpack"  # where spec.engine.cache is mounted
 STARTUP_SECONDS = 900
 EPHEMERAL_STORAGE = "ephemeral-storage"
 DEFAULT_EPHEMERAL_STORAGE_REQUEST = "1Gi"
-# How long a stopping replica keeps serving before the engine gets SIGTERM (within the 30 s grace period).
+# How long a stopping replica keeps serving before the engine gets SIGTERM: the Service and the routers drop
+# it in that time.
 DRAIN_SECONDS = 10
+# Then how long its engine may take to finish the requests it holds (vLLM's --shutdown-timeout: it admits no
+# new one, and exits as soon as none is left); vLLM's default, 0, would cut every stream in flight.
+FINISH_SECONDS = 120
+# What vLLM is told so that a SIGTERM finishes the requests in flight instead of aborting them.
+FINISH_ARGS = ["--shutdown-timeout", str(FINISH_SECONDS)]
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "enableServiceLinks": False,
         **placement(spec, node),
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + FINISH_SECONDS + 5,
     }
     if spec.placement == Placement.dra:
         pod_spec["resourceClaims"] = [{"name": "gpu", "resourceClaimName": claim}]
@@ -409,7 +415,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "image": spec.engine.resolved_image(),
         "imagePullPolicy": "IfNotPresent",
         "command": engine_command(spec),
-        "args": engine_args(spec, owner.name, plan),
+        "args": [*engine_args(spec, owner.name, plan), *FINISH_ARGS],
         "env": replica_env(spec, plan),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": STARTUP_SECONDS // 5},
@@ -465,12 +471,17 @@ def build_pack_pod(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: GPUN
     """
     count = plan.replicas if engines is None else engines
     no_kv = plan.model_copy(update={"kv_cache_memory_bytes": None})  # the supervisor adds each engine's own
-    env = base_env(spec)
+    env = replica_env(spec, plan)
+    # Values from Secrets (the API key, a user's secretKeyRef) stay out of the configuration: the kubelet sets
+    # them in the container's environment, which every engine inherits.
     config = supervisor_config(spec, owner.name, plan, max(count, 1),
-                               lambda port: [*VLLM_SERVER, *engine_args(spec, owner.name, no_kv, port)],
-                               {e["name"]: e["value"] for e in env})
+                               lambda port: [*VLLM_SERVER, *engine_args(spec, owner.name, no_kv, port),
+                                             *FINISH_ARGS],
+                               {e["name"]: e["value"] for e in env if "value" in e})
+    # Each engine finishes its requests before the supervisor sends SIGKILL.
+    config = config.model_copy(update={"stop_grace_seconds": FINISH_SECONDS + 5})
     volumes, mounts = scratch_volumes(spec, owner.namespace, own_shm=True)
-    resources = {"requests": dict(spec.resources.requests), "limits": dict(spec.resources.limits)}
+    resources = {"requests": container_requests(spec), "limits": dict(spec.resources.limits)}
     resources["limits"][spec.gpu.resource_name] = "1"
     ready = {"httpGet": {"path": "/ready", "port": "supervisor"}}
     ports = [{"name": engine_port_name(i), "containerPort": slot.port, "protocol": "TCP"}
@@ -552,25 +563,31 @@ def network_policy_peer(namespace_labels: dict[str, str] | None, pod_labels: dic
 
 
 def build_network_policy(owner: Owner, spec: SLMDeploymentSpec, operator_peer: dict | None,
-                         router_peer: dict | None = None) -> dict:
+                         router_peer: dict | None = None, pack_sizes: Sequence[int] = ()) -> dict:
     """Only the listed peers, the deployment's routers (`router_peer`, which send every request the clients
     make through the Service) and the operator (`operator_peer`, which reads /metrics for the autoscaler) reach
-    the engines' port; nothing reaches any other port. With no peer at all it admits nothing: an ingress rule
-    with an empty `from` would admit everyone."""
-    policy = spec.network_policy
-    peers = [network_policy_peer(p.namespace_selector.match_labels if p.namespace_selector else None,
-                                 p.pod_selector.match_labels if p.pod_selector else None)
-             for p in (policy.allow_from if policy else [])]
-    peers += [peer for peer in (router_peer, operator_peer) if peer is not None]
-    ingress = [{"from": peers, "ports": [{"protocol": "TCP", "port": spec.port}]}] if peers else []
-    return {
-        "apiVersion": NETWORK_POLICY_API_VERSION,
-        "kind": "NetworkPolicy",
-        "metadata": {"name": engines_policy_name(owner.name), "namespace": owner.namespace,
-                     "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]},
-        "spec": {"podSelector": {"matchLabels": selector_labels(owner.name)}, "policyTypes": ["Ingress"],
-                 "ingress": ingress},
-    }
+    the engines' ports; nothing reaches any other port. Those are spec.port, or with pack pods of `pack_sizes`
+    engines each engine's port and the supervisor's (which serves their /metrics). With no peer at all it
+    admits nothing: an ingress rule with an empty `from` would admit everyone."""
+    peers = allowed_peers(spec) + [peer for peer in (router_peer, operator_peer) if peer is not None]
+    served = sorted({port for size in pack_sizes for port in pack_pod_ports(spec, size)}) or [spec.port]
+    ingress = [{"from": peers, "ports": [{"protocol": "TCP", "port": port} for port in served]}] if peers else []
+    meta = {"name": engines_policy_name(owner.name), "namespace": owner.namespace,
+            "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]}
+    return network_policy(meta, selector_labels(owner.name), ingress)
+
+
+def allowed_peers(spec: SLMDeploymentSpec) -> list[dict]:
+    """spec.networkPolicy.allowFrom, as NetworkPolicy peers."""
+    return [network_policy_peer(p.namespace_selector.match_labels if p.namespace_selector else None,
+                                p.pod_selector.match_labels if p.pod_selector else None)
+            for p in (spec.network_policy.allow_from if spec.network_policy else [])]
+
+
+def network_policy(meta: dict, pod_labels: dict[str, str], ingress: list[dict]) -> dict:
+    """A NetworkPolicy over the pods with `pod_labels` that admits only what `ingress` lists."""
+    return {"apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy", "metadata": meta,
+            "spec": {"podSelector": {"matchLabels": pod_labels}, "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
 def controlled_by(obj: dict, owner_uid: str) -> bool:

@@ -126,7 +126,15 @@ def supervisor_config(spec: SLMDeploymentSpec, deployment: str, plan: Plan, engi
         port = spec.port + i
         slots.append(EngineSlot(name=engine_port_name(i), deployment=deployment, port=port,
                                 command=list(engine_argv(port)), env=dict(engine_env), caps=caps))
-    # The supervisor's port stays clear of the engines' spec.port .. spec.port + engines - 1.
-    port = SUPERVISOR_PORT if not spec.port <= SUPERVISOR_PORT < spec.port + engines else spec.port + engines
     return SupervisorConfig(engines=slots, mps=spec.engine.device == Device.gpu and spec.sharing == Sharing.mps,
-                            port=port)
+                            port=supervisor_port(spec, engines))
+
+
+def supervisor_port(spec: SLMDeploymentSpec, engines: int) -> int:
+    """The supervisor's port, clear of the engines' spec.port .. spec.port + engines - 1."""
+    return SUPERVISOR_PORT if not spec.port <= SUPERVISOR_PORT < spec.port + engines else spec.port + engines
+
+
+def pack_pod_ports(spec: SLMDeploymentSpec, engines: int) -> list[int]:
+    """Every port a pack pod of `engines` engines serves: each engine's, then the supervisor's."""
+    return [spec.port + i for i in range(engines)] + [supervisor_port(spec, engines)]

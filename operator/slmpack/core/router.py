@@ -33,10 +33,13 @@ from dataclasses import dataclass
 from slmpack.api.models import Placement, Plan, SLMDeploymentSpec
 from slmpack.core.manifests import (
     DEPLOYMENT_LABEL,
+    FINISH_SECONDS,
     MANAGED_BY,
     Owner,
+    allowed_peers,
     dns_name,
     label_value,
+    network_policy,
     pod_security_context,
     restricted_security_context,
     selector_labels,
@@ -217,7 +220,8 @@ def build_router(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, images: Rout
         pack_pod_args.append("--health-check")
     labels = {**router_selector(owner.name), "app.kubernetes.io/instance": label_value(owner.name), **MANAGED_BY}
     health = {"httpGet": {"path": HEALTH_PATH, "port": "metrics"}}
-    resources = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    resources = {"requests": {"cpu": "100m", "memory": "64Mi", "ephemeral-storage": "16Mi"},
+                 "limits": {"memory": "256Mi"}}
     haproxy = {
         "name": "haproxy",
         "image": images.haproxy,
@@ -227,10 +231,10 @@ def build_router(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, images: Rout
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "readinessProbe": {**health, "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 6, "initialDelaySeconds": 60},
-        # Keep taking requests until the Service has dropped this pod, then stop softly: HAProxy closes its
-        # listeners and exits once the requests it holds have finished.
-        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c",
-                                                       f"sleep {ROUTER_DRAIN_SECONDS}; kill -USR1 1"]}}},
+        # Keep taking requests until the Service has dropped this pod. Then the kubelet sends the image's stop
+        # signal, SIGUSR1 (images/router.Dockerfile, as HAProxy's own image does), HAProxy's soft stop: it
+        # closes its listeners and exits once the requests it holds have finished. SIGTERM would cut them.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(ROUTER_DRAIN_SECONDS)]}}},
         "resources": resources,
         "volumeMounts": [{"name": "config", "mountPath": "/etc/haproxy", "readOnly": True},
                          {"name": "admin", "mountPath": ADMIN_SOCKET_DIR}],
@@ -243,7 +247,9 @@ def build_router(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, images: Rout
         "args": ["router-agent", "--namespace", owner.namespace, "--endpoints", engines_service_name(owner.name),
                  "--socket", ADMIN_SOCKET, "--backend", BACKEND,
                  "--maxconn", str(per_router_cap(plan.max_num_seqs, routing.router_replicas)), *pack_pod_args],
-        "resources": {"requests": {"cpu": "20m", "memory": "64Mi"}, "limits": {"memory": "192Mi"}},
+        # Its resident memory is about 135 MB (Python, the Kubernetes client, one Endpoints watch).
+        "resources": {"requests": {"cpu": "20m", "memory": "160Mi", "ephemeral-storage": "16Mi"},
+                      "limits": {"memory": "256Mi"}},
         "volumeMounts": [{"name": "admin", "mountPath": ADMIN_SOCKET_DIR}],
         "securityContext": restricted_security_context(),
     }
@@ -251,13 +257,15 @@ def build_router(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, images: Rout
         "serviceAccountName": ROUTER_SERVICE_ACCOUNT,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(ROUTER_UID),
-        # A stream in flight may take minutes; HAProxy's soft stop waits for it up to here.
-        "terminationGracePeriodSeconds": 120,
+        # A stream in flight may take minutes; HAProxy's soft stop waits for it as long as an engine finishes
+        # its requests when it stops.
+        "terminationGracePeriodSeconds": ROUTER_DRAIN_SECONDS + FINISH_SECONDS + 10,
         "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
             "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                "labelSelector": {"matchLabels": router_selector(owner.name)}}}]}},
         "containers": [haproxy, agent],
-        "volumes": [{"name": "config", "configMap": {"name": name}}, {"name": "admin", "emptyDir": {}}],
+        "volumes": [{"name": "config", "configMap": {"name": name}},
+                    {"name": "admin", "emptyDir": {"sizeLimit": "1Mi"}}],
     }
     return {
         "apiVersion": "apps/v1",
@@ -287,6 +295,18 @@ def build_router_disruption_budget(owner: Owner, api_version: str = "policy/v1")
     return {"apiVersion": api_version, "kind": "PodDisruptionBudget",
             "metadata": router_meta(owner, router_name(owner.name)),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(owner.name)}}}
+
+
+def build_router_network_policy(owner: Owner, spec: SLMDeploymentSpec, operator_peer: dict | None) -> dict:
+    """With spec.networkPolicy the routers admit whom the engines would: the listed peers on the clients' port,
+    and the operator on HAProxy's metrics port (the queue, for the autoscaler). The engines' policy admits the
+    routers, so without this one anyone could reach the engines through them."""
+    ingress = []
+    if peers := allowed_peers(spec):
+        ingress.append({"from": peers, "ports": [{"protocol": "TCP", "port": spec.port}]})
+    if operator_peer is not None:
+        ingress.append({"from": [operator_peer], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
+    return network_policy(router_meta(owner, router_name(owner.name)), router_selector(owner.name), ingress)
 
 
 def build_router_access(namespace: str, cluster_role: str = ROUTER_CLUSTER_ROLE) -> list[dict]:
