@@ -184,7 +184,12 @@ def replicas_ready() -> dict:
 
 
 def completion_through_the_service() -> str:
-    service = get("service", NAME)
+    # Routing is on by default: the Service's name and port stay, and it selects the routers once one is ready.
+    service = wait(lambda: (s := get("service", NAME))["spec"]["selector"].get("app.kubernetes.io/name")
+                   == "slmpack-router" and s, 120, "the Service to select the routers")
+    routers = get("deployment", f"{NAME}-router")
+    ready = routers["status"].get("readyReplicas", 0)
+    print(f"    through the routers: {ready} of {routers['spec']['replicas']} ready")
     url = f"http://{service['spec']['clusterIP']}:8000/v1/completions"
     body = {"model": NAME, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
     answer = httpx.post(url, json=body, timeout=120).json()["choices"][0]["text"]

@@ -179,3 +179,24 @@ def test_the_scaling_examples_target_the_scale_subresource_and_the_autoscaling_e
     body["metadata"].update(namespace="team", uid="d-1")
     decision = decide(body, ClusterSnapshot(ONE_GPU_NODES), NOW)
     assert condition(decision, "InvalidSpec").status == "False"
+
+
+def test_a_queue_at_the_routers_adds_replicas_once_it_has_lasted_a_period():
+    """The engines, capped at their knee by the routers, show no demand beyond it: the routers' queue does. A
+    queue seen once (a burst the engines absorb) adds nothing; one still there a period later does."""
+    body, cluster = profiled(autoscaling={"maxPacks": 2, "periodSeconds": 15})
+    first = decide(body, cluster, NOW)
+    knee = first.status.plan.knee_batch_size
+    queued = ClusterSnapshot(cluster.nodes, cluster.profiles, pods=(ReplicaState("chat-0", True),),
+                             engine_loads=(EngineLoad("chat-0", running=knee * 8 // 10, waiting=0),  # on target
+                                           EngineLoad("chat-router-a", running=0, waiting=3 * knee)),
+                             router_pods=("chat-router-a",))
+    seen = decide(with_status(body, first.status), queued, NOW + timedelta(seconds=15))
+    assert seen.scaling.direction == "none" and seen.status.autoscaling.queued_since == NOW + timedelta(seconds=15)
+    lasting = decide(with_status(body, seen.status), queued, NOW + timedelta(seconds=30))
+    assert lasting.scaling.direction == "up" and "queued at the router" in lasting.scaling.message
+    assert lasting.status.autoscaling.queued_since == NOW + timedelta(seconds=15)
+    drained = ClusterSnapshot(cluster.nodes, cluster.profiles, pods=queued.pods,
+                              engine_loads=queued.engine_loads[:1], router_pods=queued.router_pods)
+    assert decide(with_status(body, seen.status), drained, NOW + timedelta(seconds=30)).status.autoscaling \
+        .queued_since is None

@@ -666,6 +666,10 @@ class AutoscalingStatus(Model):
     reason: str = Field("", description="Why, in a CamelCase word: PackHasFreeSlots, AllPacksAtKnee, BelowTarget, "
                         "CoolingDown, AtTarget...")
     message: str = Field("", description="Its last decision, with its numbers.")
+    queued_since: datetime | None = Field(None, description="Since when requests have waited at the routers "
+                                          "without a break. They count as load once they have waited a whole "
+                                          "period (spec.autoscaling.periodSeconds): a burst the engines absorb "
+                                          "adds no replica.")
 
 
 class SLMDeploymentStatus(Model):

@@ -615,15 +615,19 @@ class _Decider:
         self.condition(cond.METRICS_AVAILABLE, readable, reason, message, warn=not readable, news_when_new=not readable)
         queued = sum(e.waiting for e in self.cluster.engine_loads if e.pod in self.cluster.router_pods
                      and math.isfinite(e.waiting))
+        # A queue at the routers is demand the capped engines do not show, once it has lasted a whole period.
+        queued_since = ((before.queued_since if before else None) or self.now) if queued > 0 else None
+        lasted = queued_since is not None and (self.now - queued_since).total_seconds() >= policy.period_seconds
         sizes = layout(current, per_pack)
         ready = sum(ready_engines(name, sizes[i], mine, pack_pod) for i, name in enumerate(names))
         choice = decide_scale(policy, current, per_pack, knee_batch, names, loads, ready,
-                              before.last_scale_time if before else None, self.now, queued, whole_packs=pack_pod)
+                              before.last_scale_time if before else None, self.now, queued if lasted else 0.0,
+                              whole_packs=pack_pod)
         self.decision.scaling = choice
         last = self.now if choice.changed else (before.last_scale_time if before else None)
         self.status.autoscaling = AutoscalingStatus(replicas=choice.replicas, last_scale_time=last,
                                                     load_per_replica=choice.load_per_replica, reason=choice.reason,
-                                                    message=choice.message)
+                                                    message=choice.message, queued_since=queued_since)
         if choice.changed:
             self.decision.events.append(Event(f"Scaled{choice.direction.capitalize()}",
                                               f"{current} -> {choice.replicas} replicas ({choice.reason}): "
