@@ -170,7 +170,7 @@ async def scale_out(core, custom, namespace, deployment, base_url, model, port, 
         await asyncio.sleep(0.5)
     stop.set()
     steady = await load  # the streams in flight finish: every failure through the scale-out counts
-    return {"first_taken_s": first_taken, "first_request_s": first, "even_s": even, "failed": steady["failed"]}
+    return {"first_request_s": first_taken, "first_finished_s": first, "even_s": even, "failed": steady["failed"]}
 
 
 def cpu_model() -> str:
