@@ -65,6 +65,22 @@ def stored_statefulset(name: str, controller_uid: str | None = "d-1") -> dict:
             "metadata": {"name": name, "namespace": "team", "uid": name, "ownerReferences": owners}}
 
 
+def test_a_router_or_network_policy_of_another_controller_is_not_adopted():
+    """Server-side apply would take over a same-named object that carries the deployment's labels: the router
+    Deployment or the engines' NetworkPolicy of someone else is refused by name instead."""
+    for kind, name, spec in (("Deployment", "chat-router", {}),
+                             ("NetworkPolicy", "chat-engines", {"networkPolicy": {"allowFrom": [{}]}})):
+        foreign = {**stored_statefulset(name, controller_uid="someone-else"), "kind": kind}
+        snapshot = ClusterSnapshot(ONE_GPU_NODES, routers=(foreign,) if kind == "Deployment" else (),
+                                   network_policies=(foreign,) if kind == "NetworkPolicy" else ())
+        refused = condition(decide(packs(1, **spec), snapshot, NOW), "InvalidSpec")
+        assert refused.status == "True" and f"{kind} {name} in team" in refused.message
+        ours = {**stored_statefulset(name), "kind": kind}
+        kept = ClusterSnapshot(ONE_GPU_NODES, routers=(ours,) if kind == "Deployment" else (),
+                               network_policies=(ours,) if kind == "NetworkPolicy" else ())
+        assert condition(decide(packs(1, **spec), kept, NOW), "InvalidSpec").status == "False"
+
+
 def test_scaling_in_deletes_the_statefulset_of_the_pack_that_leaves():
     old = [stored_statefulset(n) for n in ("chat", "chat-pack-1")]
     decision = decide(packs(1), ClusterSnapshot(ONE_GPU_NODES, statefulsets=tuple(old)), NOW)

@@ -488,12 +488,13 @@ class _Decider:
             if len(earlier) > len(self.decision.delete):
                 # An earlier claim is still held while the pods roll over: look again, as no event may follow.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
-        taken = sorted(o["metadata"]["name"] for o in self.cluster.statefulsets
-                       if o["metadata"]["name"] in names and not controlled_by(o, owner.uid))
-        if taken:  # adopting it would take over another's pods, or fail on its controller reference
-            raise InvalidSpec(f"StatefulSet {', '.join(taken)} in {self.namespace} carries this deployment's labels "
-                              f"but is not controlled by it: delete or rename that StatefulSet, or rename "
-                              f"SLMDeployment {self.name}")
+        wanted = {("StatefulSet", name) for name in names} | {(o["kind"], o["metadata"]["name"]) for o in objects}
+        taken = sorted(f"{o['kind']} {o['metadata']['name']}"
+                       for o in (*self.cluster.statefulsets, *self.cluster.routers, *self.cluster.network_policies)
+                       if (o["kind"], o["metadata"]["name"]) in wanted and not controlled_by(o, owner.uid))
+        if taken:  # adopting it would take over another's pods or policy, or fail on its controller reference
+            raise InvalidSpec(f"{', '.join(taken)} in {self.namespace} carries this deployment's labels but is not "
+                              f"controlled by it: delete or rename it, or rename SLMDeployment {self.name}")
         unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
         existing_policies = {o["metadata"]["name"]: o["spec"]["podManagementPolicy"]
                              for o in self.cluster.statefulsets if o.get("spec", {}).get("podManagementPolicy")}
