@@ -431,7 +431,7 @@ def _built_kinds() -> dict[str, set[tuple[str, str]]]:
     """(group, kind) of the top-level objects each manifest builder returns."""
     import slmpack.core.manifests as manifests
 
-    kinds = {}
+    kinds, builders = {}, {}
     for module in ("manifests", "dra", "router"):
         tree = _tree(OPERATOR / "core" / f"{module}.py")
         constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
@@ -463,12 +463,12 @@ def _built_kinds() -> dict[str, set[tuple[str, str]]]:
                         else:  # DRA objects are written in the newest version the cluster serves
                             group = DRA_GROUP
                         kinds[function.name].add((group, keys["kind"].value))
-        # A builder that hands its object to another builder of the module builds that one's kinds.
-        builders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name in kinds}
-        for name, function in builders.items():
-            kinds[name] |= {kind for node in ast.walk(function) if isinstance(node, ast.Call)
-                            and isinstance(node.func, ast.Name) and node.func.id in builders
-                            and node.func.id != name for kind in kinds[node.func.id]}
+        builders |= {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name in kinds}
+    # A builder that hands its object to another builder (of any of the modules) builds that one's kinds.
+    for name, function in builders.items():
+        kinds[name] |= {kind for node in ast.walk(function) if isinstance(node, ast.Call)
+                        and isinstance(node.func, ast.Name) and node.func.id in builders
+                        and node.func.id != name for kind in kinds[node.func.id]}
     return kinds
 
 

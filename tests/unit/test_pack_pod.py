@@ -100,7 +100,7 @@ def test_secrets_reach_the_engines_and_the_network_policy_opens_every_engine_por
                                                                                              "key": "k"}}}
     assert all("HF_TOKEN" not in e.env and "VLLM_API_KEY" not in e.env for e in supervisor_of(pack).engines)
     assert container["resources"]["requests"]["ephemeral-storage"] == "1Gi"
-    [policy] = of_kind(decision.apply, "NetworkPolicy")
+    [policy] = [p for p in of_kind(decision.apply, "NetworkPolicy") if p["metadata"]["name"] == "chat-engines"]
     [rule] = policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == [8000, 8001, 8002, 8003, supervisor_of(pack).port]
 

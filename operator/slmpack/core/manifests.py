@@ -574,7 +574,7 @@ def build_network_policy(owner: Owner, spec: SLMDeploymentSpec, operator_peer: d
     ingress = [{"from": peers, "ports": [{"protocol": "TCP", "port": port} for port in served]}] if peers else []
     meta = {"name": engines_policy_name(owner.name), "namespace": owner.namespace,
             "labels": engine_labels(owner.name), "ownerReferences": [owner.reference()]}
-    return network_policy(meta, selector_labels(owner.name), ingress)
+    return build_ingress_policy(meta, selector_labels(owner.name), ingress)
 
 
 def allowed_peers(spec: SLMDeploymentSpec) -> list[dict]:
@@ -584,7 +584,7 @@ def allowed_peers(spec: SLMDeploymentSpec) -> list[dict]:
             for p in (spec.network_policy.allow_from if spec.network_policy else [])]
 
 
-def network_policy(meta: dict, pod_labels: dict[str, str], ingress: list[dict]) -> dict:
+def build_ingress_policy(meta: dict, pod_labels: dict[str, str], ingress: list[dict]) -> dict:
     """A NetworkPolicy over the pods with `pod_labels` that admits only what `ingress` lists."""
     return {"apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy", "metadata": meta,
             "spec": {"podSelector": {"matchLabels": pod_labels}, "policyTypes": ["Ingress"], "ingress": ingress}}

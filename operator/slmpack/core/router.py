@@ -37,9 +37,9 @@ from slmpack.core.manifests import (
     MANAGED_BY,
     Owner,
     allowed_peers,
+    build_ingress_policy,
     dns_name,
     label_value,
-    network_policy,
     pod_security_context,
     restricted_security_context,
     selector_labels,
@@ -306,7 +306,7 @@ def build_router_network_policy(owner: Owner, spec: SLMDeploymentSpec, operator_
         ingress.append({"from": peers, "ports": [{"protocol": "TCP", "port": spec.port}]})
     if operator_peer is not None:
         ingress.append({"from": [operator_peer], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
-    return network_policy(router_meta(owner, router_name(owner.name)), router_selector(owner.name), ingress)
+    return build_ingress_policy(router_meta(owner, router_name(owner.name)), router_selector(owner.name), ingress)
 
 
 def build_router_access(namespace: str, cluster_role: str = ROUTER_CLUSTER_ROLE) -> list[dict]:
