@@ -7,6 +7,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
+    MISSING_IMAGE,
     Cluster,
     cluster,
     deployment,
@@ -81,4 +82,25 @@ def test_a_labelled_statefulset_of_another_controller_is_neither_deleted_nor_ado
                        what="the refusal to adopt")
         assert "StatefulSet chat-pack-1" in message and "not controlled by it" in message
         assert k.statefulset("chat-pack-1").metadata.owner_references is None
+    assert runner.exception is None, runner.output
+
+
+def test_an_unlabelled_object_of_a_wanted_name_is_refused_and_a_child_changed_by_hand_is_put_back(k):
+    # Someone's own Service named like the deployment, without its labels: no watch shows it, applying finds it.
+    k.core.create_namespaced_service(k.ns, {"metadata": {"name": "own"},
+                                           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment("own", replicas=1, routing={"mode": "service"},
+                            engine={"device": "cpu", "image": MISSING_IMAGE}))
+        message = wait(lambda: next((c["message"] for c in k.status("own").get("conditions") or []
+                                     if c["type"] == "InvalidSpec" and c["status"] == "True"), None),
+                       what="the refusal to adopt the Service")
+        assert "Service own in" in message and "not controlled by it" in message
+        service = k.core.read_namespaced_service("own", k.ns)
+        assert service.spec.selector == {"app": "web"} and service.metadata.owner_references is None
+        k.core.delete_namespaced_service("own", k.ns)
+        wait(lambda: k.statefulset("own"), 60, "the StatefulSet once the name is free (looked at again in 30 s)")
+        # A field the operator sets, changed by another writer: its own child, so it applies over the change.
+        k.apps.patch_namespaced_stateful_set("own", k.ns, {"spec": {"replicas": 3}})
+        wait(lambda: k.statefulset("own").spec.replicas == 1, 30, "the operator to put its replica count back")
     assert runner.exception is None, runner.output

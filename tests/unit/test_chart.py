@@ -523,7 +523,8 @@ def operator_calls() -> set[tuple[str, str, str]]:
     for tree in decision:
         for function in (f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)):
             for target, expr in _decision_writes(function):
-                verbs = {"create"} if target == "create" else {"create", "patch"}
+                # Applying reads an object whose fields another writer set, to see whose it is (Kube.apply).
+                verbs = {"create"} if target == "create" else {"create", "patch", "get"}
                 for builder in _resolve_builders(function, expr, methods=methods):
                     for group, kind in built[builder]:
                         plural = re.sub(r"y$", "ie", kind.lower()) + "s"  # NetworkPolicy: networkpolicies

@@ -112,6 +112,17 @@ def test_a_statefulset_with_the_deployments_labels_but_another_controller_is_nei
     assert "not controlled by it" in refused.message and not statefulsets(taken)
 
 
+def test_an_object_of_a_wanted_name_that_applying_found_not_ours_is_refused_and_looked_at_again():
+    # Without the deployment's labels no watch shows it: the shell finds it when applying, and says so.
+    taken = ClusterSnapshot(ONE_GPU_NODES, names_taken=(("Service", "chat"), ("ConfigMap", "unrelated")))
+    decision = decide(packs(1), taken, NOW)
+    refused = condition(decision, "InvalidSpec")
+    assert refused.status == "True" and "Service chat in team exists but is not controlled by it" in refused.message
+    assert "ConfigMap" not in refused.message  # a name the deployment does not want is none of its business
+    assert decision.apply == [] and decision.retry_after_seconds == 30  # it may be deleted, unseen
+    assert condition(decide(packs(1), ClusterSnapshot(ONE_GPU_NODES), NOW), "InvalidSpec").status == "False"
+
+
 def test_each_pack_reports_its_gpu_and_readiness_and_two_packs_on_one_gpu_are_flagged():
     def pod(name, uuid, ready=True):
         return ReplicaState(name=name, ready=ready, node="gpu-8", gpu_uuids=(uuid,))

@@ -56,7 +56,7 @@ capabilities:
 
 {{/* What the operator does in a watched namespace, and nothing more: tests/unit/test_chart.py
 derives these verbs from the operator's code and fails when the two differ. Server-side apply
-needs create and patch; an ownerReference with blockOwnerDeletion needs update on the owner's
+needs create and patch, and get to see whose an object is when another writer set its fields; an ownerReference with blockOwnerDeletion needs update on the owner's
 finalizers. */}}
 {{- define "slmpack.operatorRules" -}}
 - apiGroups: [slmpack.dev]
@@ -73,19 +73,19 @@ finalizers. */}}
   verbs: [list, watch, create, patch]
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [list, watch, get, create, patch, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [list, watch, create, patch]
+  verbs: [list, watch, get, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [list, watch, get, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [list, watch, create, patch]
+  verbs: [list, watch, get, create, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
@@ -108,23 +108,23 @@ finalizers. */}}
 # and the ServiceAccount and RoleBinding that let its agent read Endpoints.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [list, watch, get, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [patch]
+  verbs: [get, patch]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [rolebindings]
-  verbs: [patch]
+  verbs: [get, patch]
 # spec.routing.mode inferencePool: the InferencePool over the replicas.
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 {{- end -}}
 
 {{/* An image reference: imageRegistry/repository, then @digest when set, :tag otherwise.

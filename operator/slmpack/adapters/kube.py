@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from urllib3 import Retry
 
 from slmpack import API_GROUP, API_VERSION
+from slmpack.core.manifests import controlled_by
 
 FIELD_MANAGER = "slmpack"
 log = logging.getLogger(__name__)
@@ -70,6 +71,18 @@ class CountingApiClient(client.ApiClient):
 
 class Conflict(Exception):
     """The object changed since it was read (HTTP 409): read it again and retry."""
+
+
+class FieldConflict(Exception):
+    """A server-side apply without force met fields that another field manager set to other values."""
+
+
+class NameTaken(Exception):
+    """An object of the desired one's name exists and is not controlled by the desired one's owner."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name} exists and is not controlled by this deployment")
+        self.kind, self.name = kind, name
 
 
 def load_config(connections: int | None = None) -> client.ApiClient:
@@ -120,15 +133,32 @@ class Kube:
         return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
 
     def apply(self, obj: dict) -> dict:
-        """Server-side apply of the whole desired object."""
+        """Server-side apply of the whole desired object. One with a controller reference first goes without
+        forcing: a field another writer set conflicts, and the object is taken over only when that controller
+        controls it already (a `kubectl scale` of a child is undone); an object of that name that is not its
+        own, which the label-selected watches never see, raises NameTaken instead of being adopted."""
+        owner = next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("controller")),
+                     None)
+        try:
+            return self._server_side_apply(obj, force=owner is None)
+        except FieldConflict:
+            meta = obj["metadata"]
+            found = self._resource(obj).get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+            if not controlled_by(found, owner):
+                raise NameTaken(obj["kind"], meta["name"]) from None
+            return self._server_side_apply(obj, force=True)
+
+    def _server_side_apply(self, obj: dict, force: bool) -> dict:
         meta = obj["metadata"]
         try:
             # serialize=False: the reply's JSON as it is, not the dynamic client's object tree (costly
             # for a StatefulSet, at a thousand deployments).
             result = self._resource(obj).server_side_apply(
                 body=obj, name=meta["name"], namespace=meta.get("namespace"),
-                field_manager=FIELD_MANAGER, force_conflicts=True, serialize=False)
+                field_manager=FIELD_MANAGER, force_conflicts=True if force else None, serialize=False)
         except ApiException as error:
+            if error.status == 409 and _field_conflict(error):
+                raise FieldConflict(f"{obj['kind']} {meta.get('namespace')}/{meta['name']}: {error.body}") from None
             if error.status == 409:  # another writer created it between this apply's read and its create
                 raise Conflict(f"{obj['kind']} {meta.get('namespace')}/{meta['name']}: {error.reason}") from None
             raise
@@ -308,3 +338,13 @@ class Kube:
             if error.status in (404, 409):
                 return False
             raise
+
+
+def _field_conflict(error: ApiException) -> bool:
+    """Whether a 409 is server-side apply's conflict with another field manager (Status causes of type
+    FieldManagerConflict), not a create that lost a race."""
+    try:
+        causes = (json.loads(error.body or "{}").get("details") or {}).get("causes") or []
+    except ValueError:
+        return False
+    return any(cause.get("type") == "FieldManagerConflict" for cause in causes)

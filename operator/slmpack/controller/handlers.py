@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from slmpack import API_GROUP, API_VERSION
 from slmpack.adapters.engine_metrics import EngineMetricsReader
-from slmpack.adapters.kube import Conflict, Kube, load_config
+from slmpack.adapters.kube import Conflict, Kube, NameTaken, load_config
 from slmpack.api.models import DEFAULT_CPU_ENGINE_IMAGE, DEFAULT_ENGINE_IMAGE, AutoscalingSpec, SLMDeploymentStatus
 from slmpack.controller.gpu_assignments import GpuAssignments
 from slmpack.controller.leader import LeaderElection
@@ -456,9 +456,13 @@ class Controller:
         if (body.get("spec") or {}).get("placement") == "dra":
             snapshot = with_dra(self.kube, snapshot, *key_of(body))
         for _ in range(MAX_ROUNDS):
-            decision = decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE, self.host_paths, ROUTER_IMAGES,
-                              ROUTER_ROLE, self.engine_images, self.engine_uid)
-            created = self.act(decision)
+            decision = self.decision_for(body, snapshot)
+            try:
+                created = self.act(decision)
+            except NameTaken as taken:  # decide again knowing it: that decision refuses, and applies nothing
+                snapshot = replace(snapshot, names_taken=(*snapshot.names_taken, (taken.kind, taken.name)))
+                decision = self.decision_for(body, snapshot)
+                created = self.act(decision)
             cache_behind = len(created) < len(decision.create)
             kinds = {obj["kind"] for obj in created}
             # A create that found the object there already (made by a concurrent reconcile) is no news.
@@ -495,6 +499,10 @@ class Controller:
             PROFILING_SECONDS.observe(decision.profiling_seconds)
         look_again = CONFLICT_RETRY_SECONDS if user_pending else CACHE_BEHIND_RETRY_SECONDS if cache_behind else None
         return decision, look_again
+
+    def decision_for(self, body: dict, snapshot: ClusterSnapshot) -> Decision:
+        return decide(body, snapshot, datetime.now(UTC), PROFILER_CLUSTER_ROLE, self.host_paths, ROUTER_IMAGES,
+                      ROUTER_ROLE, self.engine_images, self.engine_uid)
 
     def act(self, decision: Decision) -> list[dict]:
         """Create and apply what the decision asks for; the objects it created, which the next

@@ -166,6 +166,9 @@ class ClusterSnapshot:
     operator_peer: dict | None = None
     # The PodDisruptionBudget version the apiserver serves (policy/v1beta1 before Kubernetes 1.21).
     disruption_budget_api_version: str = DISRUPTION_BUDGET_API_VERSION
+    # (kind, name) of objects in the namespace that have a name the decision wants but are not controlled by the
+    # deployment, found when applying them: they carry none of its labels, so no watch shows them.
+    names_taken: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -489,12 +492,18 @@ class _Decider:
                 # An earlier claim is still held while the pods roll over: look again, as no event may follow.
                 self.decision.retry_after_seconds = NODE_RETRY_SECONDS
         wanted = {("StatefulSet", name) for name in names} | {(o["kind"], o["metadata"]["name"]) for o in objects}
-        taken = sorted(f"{o['kind']} {o['metadata']['name']}"
-                       for o in (*self.cluster.statefulsets, *self.cluster.routers, *self.cluster.network_policies)
-                       if (o["kind"], o["metadata"]["name"]) in wanted and not controlled_by(o, owner.uid))
-        if taken:  # adopting it would take over another's pods or policy, or fail on its controller reference
-            raise InvalidSpec(f"{', '.join(taken)} in {self.namespace} carries this deployment's labels but is not "
-                              f"controlled by it: delete or rename it, or rename SLMDeployment {self.name}")
+        labelled = sorted(f"{o['kind']} {o['metadata']['name']}"
+                          for o in (*self.cluster.statefulsets, *self.cluster.routers, *self.cluster.network_policies)
+                          if (o["kind"], o["metadata"]["name"]) in wanted and not controlled_by(o, owner.uid))
+        unlabelled = sorted(f"{kind} {name}" for kind, name in self.cluster.names_taken if (kind, name) in wanted)
+        # Adopting either would take over another's pods, Service or policy, or fail on its controller reference.
+        if labelled or unlabelled:
+            found = [f"{', '.join(labelled)} in {self.namespace} carries this deployment's labels"] if labelled else []
+            found += [f"{', '.join(unlabelled)} in {self.namespace} exists"] if unlabelled else []
+            if unlabelled:  # no watch shows when it goes
+                self.decision.retry_after_seconds = NODE_RETRY_SECONDS
+            raise InvalidSpec(f"{' and '.join(found)} but is not controlled by it: delete or rename it, or rename "
+                              f"SLMDeployment {self.name}")
         unplaced = [name for name, on in zip(names, nodes, strict=True) if pinned(spec) and on is None]
         existing_policies = {o["metadata"]["name"]: o["spec"]["podManagementPolicy"]
                              for o in self.cluster.statefulsets if o.get("spec", {}).get("podManagementPolicy")}
