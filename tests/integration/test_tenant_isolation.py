@@ -98,7 +98,7 @@ def test_an_unlabelled_object_of_a_wanted_name_is_refused_and_a_child_changed_by
         assert "Service own in" in message and "not controlled by it" in message
         service = k.core.read_namespaced_service("own", k.ns)
         assert service.spec.selector == {"app": "web"} and service.metadata.owner_references is None
-        k.core.delete_namespaced_service("own", k.ns)
+        k.core.delete_namespaced_service("own", k.ns, _preload_content=False)  # 1.20 answers a Status
         wait(lambda: k.statefulset("own"), 60, "the StatefulSet once the name is free (looked at again in 30 s)")
         # A field the operator sets, changed by another writer: its own child, so it applies over the change.
         k.apps.patch_namespaced_stateful_set("own", k.ns, {"spec": {"replicas": 3}})

@@ -134,18 +134,27 @@ class Kube:
 
     def apply(self, obj: dict) -> dict:
         """Server-side apply of the whole desired object. One with a controller reference first goes without
-        forcing: a field another writer set conflicts, and the object is taken over only when that controller
-        controls it already (a `kubectl scale` of a child is undone); an object of that name that is not its
-        own, which the label-selected watches never see, raises NameTaken instead of being adopted."""
-        owner = next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("controller")),
-                     None)
+        forcing. Merged with fields another writer set, it may conflict with them or be invalid (a Service's
+        unnamed port beside its own). Then the object is read: one its controller controls is applied over by
+        force (a `kubectl scale` of a child is undone); one it does not, which the label-selected watches never
+        see, raises NameTaken instead of being adopted."""
+        meta = obj["metadata"]
+        owner = next((ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
         try:
             return self._server_side_apply(obj, force=owner is None)
-        except FieldConflict:
-            meta = obj["metadata"]
-            found = self._resource(obj).get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        except (FieldConflict, ApiException) as error:
+            if owner is None or isinstance(error, ApiException) and error.status != 422:
+                raise
+            try:
+                found = self._resource(obj).get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+            except ApiException as missing:
+                if missing.status == 404:  # invalid as it is, not merged with anything
+                    raise error from None
+                raise
             if not controlled_by(found, owner):
                 raise NameTaken(obj["kind"], meta["name"]) from None
+            if isinstance(error, ApiException):
+                raise
             return self._server_side_apply(obj, force=True)
 
     def _server_side_apply(self, obj: dict, force: bool) -> dict:
@@ -341,10 +350,10 @@ class Kube:
 
 
 def _field_conflict(error: ApiException) -> bool:
-    """Whether a 409 is server-side apply's conflict with another field manager (Status causes of type
-    FieldManagerConflict), not a create that lost a race."""
+    """Whether a 409 is server-side apply's conflict with another field manager (a Status cause whose `reason`,
+    StatusCause's type, is FieldManagerConflict), not a create that lost a race."""
     try:
         causes = (json.loads(error.body or "{}").get("details") or {}).get("causes") or []
     except ValueError:
         return False
-    return any(cause.get("type") == "FieldManagerConflict" for cause in causes)
+    return any(cause.get("reason") == "FieldManagerConflict" for cause in causes)
