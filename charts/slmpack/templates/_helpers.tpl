@@ -56,8 +56,8 @@ capabilities:
 
 {{/* What the operator does in a watched namespace, and nothing more: tests/unit/test_chart.py
 derives these verbs from the operator's code and fails when the two differ. Server-side apply
-needs create and patch, and get to see whose an object is when another writer set its fields; an ownerReference with blockOwnerDeletion needs update on the owner's
-finalizers. */}}
+needs create and patch, and get to see whose an object is when another writer set its fields;
+an ownerReference with blockOwnerDeletion needs update on the owner's finalizers. */}}
 {{- define "slmpack.operatorRules" -}}
 - apiGroups: [slmpack.dev]
   resources: [slmdeployments]

@@ -142,20 +142,25 @@ class Kube:
         owner = next((ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
         try:
             return self._server_side_apply(obj, force=owner is None)
-        except (FieldConflict, ApiException) as error:
-            if owner is None or isinstance(error, ApiException) and error.status != 422:
-                raise
-            try:
-                found = self._resource(obj).get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
-            except ApiException as missing:
-                if missing.status == 404:  # invalid as it is, not merged with anything
-                    raise error from None
-                raise
-            if not controlled_by(found, owner):
-                raise NameTaken(obj["kind"], meta["name"]) from None
-            if isinstance(error, ApiException):
-                raise
+        except FieldConflict:  # only without force, so with an owner
+            self._refuse_unless_controlled(obj, owner)
             return self._server_side_apply(obj, force=True)
+        except ApiException as error:
+            if owner is not None and error.status == 422:
+                self._refuse_unless_controlled(obj, owner)
+            raise
+
+    def _refuse_unless_controlled(self, obj: dict, owner: str) -> None:
+        """Raise NameTaken when an object of `obj`'s name exists and `owner` does not control it."""
+        meta = obj["metadata"]
+        try:
+            found = self._resource(obj).get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        if not controlled_by(found, owner):
+            raise NameTaken(obj["kind"], meta["name"])
 
     def _server_side_apply(self, obj: dict, force: bool) -> dict:
         meta = obj["metadata"]
