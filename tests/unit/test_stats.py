@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from slmpack.core.stats import Precision, estimate, fieller_bounds, gain_test, holm, precise_enough
+from slmpack.core.stats import Precision, estimate, fieller_bounds, gain_test, holm, precise_enough, stop_reason
 
 
 def test_the_interval_is_students_t_and_holds_the_true_mean_about_as_often_as_promised():
@@ -40,6 +40,19 @@ def test_one_sample_has_no_interval_and_never_counts_as_precise():
 ])
 def test_sampling_stops_when_precise_or_when_the_budget_is_spent(samples, expected):
     assert precise_enough(samples, Precision(95, 5, min_samples=3, max_samples=5)) is expected
+
+
+@pytest.mark.parametrize("samples, bar, expected", [
+    ([100, 101], 50, None),  # fewer than min_samples, however far from the bar
+    ([100, 120, 80], 50, "verdict"),  # ±20 %, too wide for 5 %, but wholly above 50
+    ([100, 120, 80], 200, "verdict"),  # wholly below
+    ([100, 120, 80], 100, None),  # the bar inside the interval: the side is not known yet
+    ([100, 120, 80], None, None),  # no bar: only the precision counts
+    ([100, 101, 99], 100, "precision"),  # narrow enough says so first
+    ([100, 130, 70, 100, 130], 100, "samples"),
+])
+def test_a_sample_may_stop_once_its_interval_lies_wholly_on_one_side_of_a_bar(samples, bar, expected):
+    assert stop_reason(samples, Precision(95, 5, min_samples=3, max_samples=5), bar) == expected
 
 
 def test_a_precision_that_cannot_be_met_is_refused():

@@ -774,7 +774,11 @@ class ProfilePoint(Model):
     idle_power_watts: float | None = Field(None, description="GPU power with the engine idle just before the point.")
     throughput_spread: Spread | None = Field(
         None, description="Output tokens/s over windows of batchSize completed requests; the probe stopped "
-        "when its interval was narrow enough.")
+        "when its interval was narrow enough (see stoppedBy).")
+    stopped_by: Literal["precision", "verdict", "samples", "requests"] | None = Field(
+        None, description="Why the probe stopped: precision (its interval within precisionPercent), verdict (the "
+        "adaptive sweep's: its interval wholly above or below BCA's efficiency bar, so more windows could not change "
+        "the knee), samples (12 windows), or requests (requestsPerPoint, or a replication run's fixed length).")
 
 
 class Knee(Model):
@@ -803,7 +807,7 @@ class ReplicationPoint(Model):
                                             "enough to hold every replica of the largest k at its batch.")
     runs_tokens_per_s: list[float] = Field(default_factory=list, description="Aggregate output tokens/s, per run.")
     requests_per_run: int | None = Field(None, description="Requests measured in each run, the same for every "
-                                         "count: three windows of the offered load.")
+                                         "count: two windows of the offered load.")
     run_positions: list[int] = Field(default_factory=list, description="Where each run fell in the profile's sequence "
                                      "of replication runs (0 first): the counts interleave so that drift cancels.")
     throughput_spread: Spread | None = Field(None, description="Mean, spread and interval of the runs.")

@@ -80,6 +80,15 @@ def bca_failure(point: ProfilePoint, base: ProfilePoint, reference: ProfilePoint
     return None
 
 
+def efficiency_bar(batch: int, base: ProfilePoint, params: KneeParams) -> float | None:
+    """The output tokens/s a probe at `batch` must exceed to pass BCA's efficiency test, ε · B · T(b0) / b0, or
+    None without a base throughput. Tokens, not requests: the unit of a probe's windows; the test is the same
+    while every request asks for the same number of tokens, as the profiler's do."""
+    if base.error is not None or not base.output_throughput_tokens_per_s:
+        return None
+    return params.efficiency_threshold_percent / 100 * batch * base.output_throughput_tokens_per_s / base.batch_size
+
+
 def slo_failure(point: ProfilePoint, slo: LatencySLO) -> str | None:
     if slo.p99_itl_ms and point.itl_ms and point.itl_ms.p99 and point.itl_ms.p99 > slo.p99_itl_ms:
         return f"B={point.batch_size}: p99 ITL {point.itl_ms.p99:.1f} ms exceeds the SLO {slo.p99_itl_ms} ms"

@@ -70,12 +70,23 @@ def estimate(samples: Sequence[float], confidence_percent: int = 95) -> Estimate
 
 def precise_enough(samples: Sequence[float], precision: Precision) -> bool:
     """True when sampling may stop: the interval is narrow enough, or the sample budget is spent."""
+    return stop_reason(samples, precision) is not None
+
+
+def stop_reason(samples: Sequence[float], precision: Precision, bar: float | None = None) -> str | None:
+    """Why sampling may stop, or None to go on: "samples" (the budget is spent), "precision" (the interval is
+    narrow enough) or, given a `bar` the mean is compared with, "verdict": the interval lies wholly above or
+    below it, so more samples could not change which side the mean is on."""
     if len(samples) >= precision.max_samples:
-        return True
+        return "samples"
     if len(samples) < max(precision.min_samples, 2):
-        return False
+        return None
     found = estimate(samples, precision.confidence_percent)
-    return found.relative_half_width <= precision.relative_half_width_percent / 100
+    if found.relative_half_width <= precision.relative_half_width_percent / 100:
+        return "precision"
+    if bar is not None and (found.ci_low > bar or found.ci_high < bar):
+        return "verdict"
+    return None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ async def stream_completion(client: httpx.AsyncClient, endpoint: Endpoint, promp
 Enough = Callable[[Sequence[RequestResult], float], bool]
 
 
+class MeasurementEnded(Exception):
+    """Raised by the client whose completion made the measurement enough, to stop the others."""
+
+
 class LeastLoaded:
     """Hands out the endpoint with the fewest requests in flight, at most `cap` each, waiting while all are full."""
 
@@ -128,8 +132,9 @@ async def closed_loop(endpoints: Sequence[Endpoint], concurrency: int, requests:
     """Run `warmup` unmeasured requests, then up to `requests` measured ones; returns results and wall time.
 
     With `enough(results, started_at)`, no new request starts once it holds, and the
-    measurement ends at that moment: requests still running then finish unmeasured, like
-    the warm-up, so every measured second had `concurrency` requests in flight. `on_start`
+    measurement ends at that moment, so every measured second had `concurrency` requests in
+    flight; requests still running then are cancelled (the engine aborts a request whose
+    client went away), not waited for, since nothing of them would be measured. `on_start`
     and `on_end` mark the measured interval (for an energy meter). With `per_endpoint`, no
     endpoint has more than that many requests in flight; a request's TTFT counts from when an
     endpoint takes it, so it is the engine's latency, not the client's queue.
@@ -157,21 +162,23 @@ async def _run(client, router, concurrency, requests, workload, seed0, enough=No
 
     async def client_loop() -> None:
         for n in numbers:  # the shared iterator hands each request number to one client
-            if ended:
-                return
             async with router.endpoint() as endpoint:
                 result = await stream_completion(client, endpoint,
                                                  synthetic_prompt(workload.input_tokens, seed0 + n),
                                                  workload.output_tokens)
-            if ended:
-                return  # finished after the measurement ended: cool-down, not measured
             results.append(replace(result, finished_at_s=time.perf_counter()))
             if enough is not None and enough(results):
                 ended.append(time.perf_counter())
                 if on_end:
                     on_end()
+                raise MeasurementEnded
 
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    try:
+        async with asyncio.TaskGroup() as clients:  # one client raising cancels the others
+            for _ in range(concurrency):
+                clients.create_task(client_loop())
+    except* MeasurementEnded:
+        pass
     if not ended and on_end:
         on_end()
     return results, (ended[0] if ended else None)

@@ -30,8 +30,11 @@ def table(status: SLMProfileStatus) -> str:
     if status.knee:
         lines.append(f"knee: batch {status.knee.batch_size} by {status.knee.rule}; next: {status.knee.reason}")
     if status.sweep:
-        lines.append(f"sweep: {status.sweep.mode}, {status.sweep.probes} probes; the whole profile took "
-                     f"{_fmt(status.sweep.duration_s)} s")
+        settled = sum(p.stopped_by == "verdict" for p in status.points)
+        lines.append(f"sweep: {status.sweep.mode}, {status.sweep.probes} probes"
+                     + (f" ({settled} stopped once their verdict was settled, before their precision)"
+                        if settled else "")
+                     + f"; the whole profile took {_fmt(status.sweep.duration_s)} s")
     for r in status.replication:
         ci = r.throughput_spread
         interval = (f" [{_fmt(ci.ci_low)}, {_fmt(ci.ci_high)}] at {ci.confidence_percent}%"

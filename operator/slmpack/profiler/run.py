@@ -7,7 +7,9 @@ probe. `restart_per_batch` restarts the engine with `--max-num-seqs B` at every 
 
 Every probe stops once its throughput is known to the precision asked for (batch means
 over windows of B completions, `core/stats.py`), so no fixed request count is spent on
-points that are clear early.
+points that are clear early. The adaptive sweep stops a probe sooner when its verdict is
+settled: its interval lies wholly above or below BCA's efficiency bar, which is all the
+search needs of it (`stoppedBy` says which rule stopped each probe).
 
 Replication, like for like: every replica count k = 1..kmax gets the same budget (on CPU
 the node's cores as threads and one KV-cache space, shared out; on a GPU 0.9 of its
@@ -17,9 +19,10 @@ batch it will run, by the client as slmpack's routing caps it (least loaded firs
 rest wait), so each k runs as deployed and the load keeps every k full. Counts run in
 interleaved rounds: random order with every count's engines warm (CPU, memory allowing),
 ABBA where they must start in turn, so that drift cancels; the order is recorded. Each run
-is the same length for every k, `windows.min_samples` windows of the offered load: the
-decision tests the spread between runs, so a run that waited for its own precision would
-only cost time, and more of it for the noisier count. Rounds go on until every k's
+is the same length for every k, two windows of the offered load (every replica runs its
+full batch twice over): the decision tests the spread between runs, so a longer run, or
+one that waited for its own precision, would only cost time, and more of it for the
+noisier count; a spread too wide shows as more rounds. Rounds go on until every k's
 interval is narrow enough (at least `min_repeats`). On CPU k = 1
 is the sweep's warm engine, which already has the whole budget. The decision
 (`core/replication.py`) tests k > 1 against k = 1 on the first `min_repeats` runs.
@@ -63,7 +66,7 @@ from slmpack.core.hardware import (
     mps_caps,
     resolve_dtype,
 )
-from slmpack.core.knee import KneeParams, NoKneeError, find_knee
+from slmpack.core.knee import KneeParams, NoKneeError, efficiency_bar, find_knee
 from slmpack.core.memory import (
     GPU_BUDGET_FRACTION,
     MIB,
@@ -75,7 +78,7 @@ from slmpack.core.memory import (
     start_utilization,
 )
 from slmpack.core.replication import decide_replicas, replication_stop, round_order
-from slmpack.core.stats import Precision, estimate, precise_enough
+from slmpack.core.stats import Precision, estimate, stop_reason
 from slmpack.core.summary import summarize, window_throughputs
 from slmpack.core.sweep import next_probe
 from slmpack.profiler.energy import NvmlEnergyMeter
@@ -85,6 +88,7 @@ from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, scrape_eng
 log = logging.getLogger(__name__)
 Report = Callable[[SLMProfileStatus], None]
 IDLE_SECONDS = 2.0
+RUN_WINDOWS = 2  # a replication run's length, in windows of the offered load
 
 
 @dataclass
@@ -128,11 +132,14 @@ def idle_watts(meter: NvmlEnergyMeter | None) -> float | None:
 
 
 def measure_point(endpoints: list[Endpoint], concurrency: int, settings: ProfileSettings,
-                  meter: NvmlEnergyMeter | None, warmup: bool = True, per_endpoint: int | None = None) -> ProfilePoint:
-    """A closed loop at `concurrency` until the throughput is known well enough, with engine metrics,
-    and energy over the measured requests only (warm-up and cool-down excluded)."""
+                  meter: NvmlEnergyMeter | None, warmup: bool = True, per_endpoint: int | None = None,
+                  bar: float | None = None) -> ProfilePoint:
+    """A closed loop at `concurrency` until the throughput is known well enough, or (given the `bar` of a
+    pass-or-fail test, in output tokens/s) until its interval lies wholly on one side of it, with engine
+    metrics, and energy over the measured requests only (warm-up and cool-down excluded)."""
     idle = idle_watts(meter)
     samples: list[float] = []
+    stopped: list[str] = []
     reading = []
 
     window = min(concurrency, per_endpoint * len(endpoints)) if per_endpoint else concurrency
@@ -141,7 +148,9 @@ def measure_point(endpoints: list[Endpoint], concurrency: int, settings: Profile
         if len(results) % window:
             return False
         samples[:] = window_throughputs(results, started_at, window)
-        return not settings.requests_per_point and precise_enough(samples, settings.windows)
+        reason = None if settings.requests_per_point else stop_reason(samples, settings.windows, bar)
+        stopped[:] = [reason] if reason else []
+        return reason is not None
 
     def meter_start() -> None:
         if meter:
@@ -176,7 +185,7 @@ def measure_point(endpoints: list[Endpoint], concurrency: int, settings: Profile
 
     results, duration, before, after, peak_kv = asyncio.run(measured())
     point = summarize(concurrency, results, duration)
-    extra: dict = {"idle_power_watts": idle}
+    extra: dict = {"idle_power_watts": idle, "stopped_by": stopped[0] if stopped else "requests"}
     if samples:
         found = estimate(samples, settings.windows.confidence_percent)
         extra["throughput_spread"] = spread(found)
@@ -256,6 +265,7 @@ def sweep(engine: VllmEngine | None, running: list[RunningEngine], settings: Pro
           meter: NvmlEnergyMeter | None, tracker: Tracker, env: dict[str, str]) -> dict[int, ProfilePoint]:
     """Measure the grid, adaptively or fully; points already in the status are kept, not measured again."""
     measured = {p.batch_size: p for p in tracker.status.points}
+    base_batch = settings.grid[0]
     while True:
         if settings.adaptive:
             batch = next_probe(settings.grid, on_grid(measured.values(), settings.grid), settings.knee)
@@ -273,7 +283,12 @@ def sweep(engine: VllmEngine | None, running: list[RunningEngine], settings: Pro
         if running and not running[0].alive():
             point = failed_point(batch, f"the engine died: {running[0].log_tail(5)}")
         else:
-            point = measure_point([r.endpoint for r in running], batch, settings, meter)
+            # The adaptive sweep needs each probe's verdict, not its curve: a probe may stop once its interval
+            # lies wholly above or below BCA's efficiency bar.
+            base = measured.get(base_batch)
+            bar = (efficiency_bar(batch, base, settings.knee) if settings.adaptive and base and batch != base_batch
+                   else None)
+            point = measure_point([r.endpoint for r in running], batch, settings, meter, bar=bar)
             if point.error and running and not running[0].alive():
                 point = point.model_copy(update={"error": f"the engine died: {running[0].log_tail(5)}"})
         tracker.probe_seconds.append(time.monotonic() - began)
@@ -427,8 +442,7 @@ def replicate(engine: VllmEngine, status: SLMProfileStatus, settings: ProfileSet
     batch = status.knee.batch_size
     offered = kmax * batch
     # One run length for every count (the module's docstring says why).
-    per_run = replace(settings, requests_per_point=settings.requests_per_point
-                      or settings.windows.min_samples * offered)
+    per_run = replace(settings, requests_per_point=settings.requests_per_point or RUN_WINDOWS * offered)
     # Runs at other batches belong to other SLOs' knees and stay; runs of an earlier attempt at this batch count
     # only if they faced the same load.
     others = [p for p in status.replication if p.batch_size_per_replica != batch]
