@@ -108,7 +108,8 @@ def plot(status: SLMProfileStatus, out: Path, title: str = "") -> list[Path]:
             ax.plot([failing.batch_size], [failing.output_throughput_tokens_per_s], "x", color="tab:red", ms=11,
                     mew=2, label=f"first failing probe B={failing.batch_size}")
             ax.annotate(wrap(status.knee.reason, 34), (failing.batch_size, failing.output_throughput_tokens_per_s),
-                        xytext=(0.03, 0.05), textcoords="axes fraction", fontsize=7, color="tab:red",
+                        # Below the curve's right end, which a curve rising to a plateau leaves empty.
+                        xytext=(0.3, 0.08), textcoords="axes fraction", fontsize=7, color="tab:red",
                         arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 0.8})
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
