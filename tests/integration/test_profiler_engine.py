@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -76,8 +77,9 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     # One replica was measured on the sweep's warm engine: one start for the sweep, one for the pair.
     assert len(report["sweep"]["engineStartSeconds"]) == 2
     assert len({r["offeredConcurrency"] for r in replication}) == 1
-    # Every run of every count is the same length: two windows of the offered load.
-    assert {r["requestsPerRun"] for r in replication} == {2 * replication[0]["offeredConcurrency"]}
+    # Every run of every count is the same length: two windows of the offered load, or 20 s at the knee's rate.
+    assert {r["requestsPerRun"] for r in replication} == {max(2 * replication[0]["offeredConcurrency"],
+                                                              math.ceil(20 * report["knee"]["requestThroughputPerS"]))}
     assert all(len(r["runsTokensPerS"]) >= 3 and r["throughputSpread"]["ciLow"] <= r["aggregateThroughputTokensPerS"]
                for r in replication)
     decision = report["decision"]

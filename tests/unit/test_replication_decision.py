@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from slmpack.api.models import LatencySLO, ReplicationPoint
-from slmpack.core.replication import decide_replicas, replication_stop, round_order
+from slmpack.api.models import Knee, LatencySLO, ReplicationPoint
+from slmpack.core.replication import decide_replicas, replication_stop, round_order, run_requests
 from slmpack.core.stats import Precision
 
 REPEATS = Precision(95, 5, min_samples=3, max_samples=5)  # the CRD's defaults
@@ -103,3 +103,13 @@ def test_rounds_stop_on_precision_on_the_run_budget_or_on_time_after_the_minimum
     assert replication_stop(loose, 3, REPEATS, elapsed_seconds=130, budget_seconds=120) == "TimeBudget"
     assert replication_stop(loose, 2, REPEATS, elapsed_seconds=130, budget_seconds=120) is None
     assert replication_stop(loose, 5, REPEATS) == "MaxRepeats"
+
+
+@pytest.mark.parametrize("knee_rate, expected", [
+    (14.7, 294),  # a slow engine: 20 s at the knee's 14.7 requests/s outlasts two windows of 64
+    (1.0, 128),  # two windows of the offered load at least
+    (None, 128),  # no rate measured: windows alone
+])
+def test_a_run_lasts_two_windows_and_twenty_seconds_at_the_knees_rate(knee_rate, expected):
+    knee = Knee(batch_size=32, rule="bca(eps=20%, L=5)", request_throughput_per_s=knee_rate)
+    assert run_requests(64, knee) == expected

@@ -17,6 +17,7 @@ its gain is significant.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,6 +35,16 @@ from slmpack.core.sweep import batch_grid, next_probe
 
 # Runs of each count that the test uses, when the policy does not say (the CRD's minRepeats default).
 DEFAULT_TEST_RUNS = 3
+RUN_WINDOWS = 2  # a run's least length, in windows of the offered load
+RUN_SECONDS = 20  # and in seconds at one replica's rate at the knee
+
+
+def run_requests(offered: int, knee: Knee) -> int:
+    """Requests in every run of every replica count: two windows of the offered load (each replica runs its full
+    batch twice over), and at least RUN_SECONDS at the rate the sweep measured at the knee, so that a few
+    seconds of a busy machine's noise do not decide a run. The decision tests the spread between runs, and only
+    the first DEFAULT_TEST_RUNS of them, so a run longer than that only costs time."""
+    return max(RUN_WINDOWS * offered, math.ceil(RUN_SECONDS * (knee.request_throughput_per_s or 0)))
 
 
 def round_order(counts: int, round_index: int, warm: bool, rng: random.Random) -> list[int]:

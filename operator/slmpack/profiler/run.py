@@ -19,10 +19,10 @@ batch it will run, by the client as slmpack's routing caps it (least loaded firs
 rest wait), so each k runs as deployed and the load keeps every k full. Counts run in
 interleaved rounds: random order with every count's engines warm (CPU, memory allowing),
 ABBA where they must start in turn, so that drift cancels; the order is recorded. Each run
-is the same length for every k, two windows of the offered load (every replica runs its
-full batch twice over): the decision tests the spread between runs, so a longer run, or
-one that waited for its own precision, would only cost time, and more of it for the
-noisier count; a spread too wide shows as more rounds. Rounds go on until every k's
+is the same length for every k (`core/replication.run_requests`: two windows of the
+offered load, and at least 20 s at the knee's measured rate): the decision tests the
+spread between runs, so a longer run, or one that waited for its own precision, would
+only cost time, and more of it for the noisier count. Rounds go on until every k's
 interval is narrow enough (at least `min_repeats`). On CPU k = 1
 is the sweep's warm engine, which already has the whole budget. The decision
 (`core/replication.py`) tests k > 1 against k = 1 on the first `min_repeats` runs.
@@ -77,7 +77,7 @@ from slmpack.core.memory import (
     mps_client_limit_mib,
     start_utilization,
 )
-from slmpack.core.replication import decide_replicas, replication_stop, round_order
+from slmpack.core.replication import decide_replicas, replication_stop, round_order, run_requests
 from slmpack.core.stats import Precision, estimate, stop_reason
 from slmpack.core.summary import summarize, window_throughputs
 from slmpack.core.sweep import next_probe
@@ -88,7 +88,6 @@ from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, scrape_eng
 log = logging.getLogger(__name__)
 Report = Callable[[SLMProfileStatus], None]
 IDLE_SECONDS = 2.0
-RUN_WINDOWS = 2  # a replication run's length, in windows of the offered load
 
 
 @dataclass
@@ -442,7 +441,7 @@ def replicate(engine: VllmEngine, status: SLMProfileStatus, settings: ProfileSet
     batch = status.knee.batch_size
     offered = kmax * batch
     # One run length for every count (the module's docstring says why).
-    per_run = replace(settings, requests_per_point=settings.requests_per_point or RUN_WINDOWS * offered)
+    per_run = replace(settings, requests_per_point=settings.requests_per_point or run_requests(offered, status.knee))
     # Runs at other batches belong to other SLOs' knees and stay; runs of an earlier attempt at this batch count
     # only if they faced the same load.
     others = [p for p in status.replication if p.batch_size_per_replica != batch]
