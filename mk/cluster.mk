@@ -1,5 +1,5 @@
 CLUSTER := e2e/cluster/cluster.sh
-KUBECTL := $(HOME)/.cache/slmpack/k8s-1.20.2/bin/kubectl --kubeconfig .cluster/kubeconfig
+KUBECTL := $(SLMPACK_CACHE)/k8s-1.20.2/bin/kubectl --kubeconfig .cluster/kubeconfig
 
 .PHONY: k8s-source k8s-binaries cluster-api cluster-up cluster-down cluster-status fake-gpu protos
 k8s-source: system-deps ## fetch and unpack Debian's Kubernetes 1.20.2 source, once (the kubelet's protos)

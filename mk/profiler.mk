@@ -1,5 +1,5 @@
 # The profiler: the cached SmolLM2 model, its tests, and the CPU benchmark.
-MODEL_DIR ?= $(HOME)/.cache/slmpack/models/SmolLM2-135M-Instruct
+MODEL_DIR ?= $(SLMPACK_CACHE)/models/SmolLM2-135M-Instruct
 PROFILE_OUT ?= benchmarks/profile_cpu
 
 .PHONY: model test-profiler profile-cpu cpu-packing profiling-speed
