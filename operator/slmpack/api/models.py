@@ -807,7 +807,8 @@ class ReplicationPoint(Model):
                                             "enough to hold every replica of the largest k at its batch.")
     runs_tokens_per_s: list[float] = Field(default_factory=list, description="Aggregate output tokens/s, per run.")
     requests_per_run: int | None = Field(None, description="Requests measured in each run, the same for every "
-                                         "count: two windows of the offered load, and at least 20 s at the knee's rate.")
+                                         "count: two windows of the offered load, and at least 20 s at the "
+                                         "knee's rate.")
     run_positions: list[int] = Field(default_factory=list, description="Where each run fell in the profile's sequence "
                                      "of replication runs (0 first): the counts interleave so that drift cancels.")
     throughput_spread: Spread | None = Field(None, description="Mean, spread and interval of the runs.")

@@ -138,7 +138,6 @@ def measure_point(endpoints: list[Endpoint], concurrency: int, settings: Profile
     metrics, and energy over the measured requests only (warm-up and cool-down excluded)."""
     idle = idle_watts(meter)
     samples: list[float] = []
-    stopped: list[str] = []
     reading = []
 
     window = min(concurrency, per_endpoint * len(endpoints)) if per_endpoint else concurrency
@@ -147,9 +146,7 @@ def measure_point(endpoints: list[Endpoint], concurrency: int, settings: Profile
         if len(results) % window:
             return False
         samples[:] = window_throughputs(results, started_at, window)
-        reason = None if settings.requests_per_point else stop_reason(samples, settings.windows, bar)
-        stopped[:] = [reason] if reason else []
-        return reason is not None
+        return not settings.requests_per_point and stop_reason(samples, settings.windows, bar) is not None
 
     def meter_start() -> None:
         if meter:
@@ -184,7 +181,9 @@ def measure_point(endpoints: list[Endpoint], concurrency: int, settings: Profile
 
     results, duration, before, after, peak_kv = asyncio.run(measured())
     point = summarize(concurrency, results, duration)
-    extra: dict = {"idle_power_watts": idle, "stopped_by": stopped[0] if stopped else "requests"}
+    # The rule that ended the loop, read again from the windows it saw; none: the request budget did.
+    stopped_by = None if settings.requests_per_point else stop_reason(samples, settings.windows, bar)
+    extra: dict = {"idle_power_watts": idle, "stopped_by": stopped_by or "requests"}
     if samples:
         found = estimate(samples, settings.windows.confidence_percent)
         extra["throughput_spread"] = spread(found)
