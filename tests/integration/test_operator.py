@@ -84,7 +84,9 @@ def has_fields(installed: dict, wanted: dict) -> bool:
 
 
 def deployment(name, **spec):
-    body = {"model": {"name": "/models/SmolLM2-135M-Instruct"}, "engine": {"device": "cpu"},
+    """An SLMDeployment whose engines never start unless `engine` names an image: running engines cost the
+    node's cores, and hold its GPU slots for their grace period after the test."""
+    body = {"model": {"name": "/models/SmolLM2-135M-Instruct"}, "engine": {"device": "cpu", "image": MISSING_IMAGE},
             "gpu": {"resourceName": GPU_RESOURCE}, "profiling": {"maxBatchSize": 16, "maxReplicas": 2}}
     body.update(spec)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SLMDeployment", "metadata": {"name": name}, "spec": body}
@@ -250,6 +252,18 @@ def test_a_crash_looping_replica_marks_the_deployment_degraded(k, busybox_image)
                       "phase Degraded")
         available = next(c for c in status["conditions"] if c["type"] == "Available")
         assert available["reason"] == "ReplicaFailing" and "broken-0" in available["message"]
+    assert runner.exception is None, runner.output
+
+
+def test_a_replica_no_node_can_hold_is_reported_with_the_schedulers_reason(k):
+    with KopfRunner(operator(k.ns)) as runner:
+        k.create(deployment("huge", replicas=1, resources={"limits": {"memory": "64Ti"}}))
+        available = wait(lambda: next((c for c in k.status("huge").get("conditions") or []
+                                       if c["type"] == "Available" and c["reason"] == "ReplicaUnschedulable"), None),
+                         60, "the unschedulable replica to be reported")
+        assert "replica huge-0 waits for a node: 0/1 nodes are available: 1 Insufficient memory" in \
+            available["message"], available
+        assert k.status("huge")["phase"] == "Deploying"
     assert runner.exception is None, runner.output
 
 

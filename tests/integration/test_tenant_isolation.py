@@ -41,7 +41,7 @@ def test_secrets_a_network_policy_and_a_disruption_budget_reach_the_apiserver(k)
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}})
     with KopfRunner(operator(k.ns)) as runner:
         k.create(deployment("chat", replicas=2, apiKeySecretRef=API_KEY,
-                            engine={"device": "cpu", "env": [
+                            engine={"device": "cpu", "image": MISSING_IMAGE, "env": [
                                 {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]},
                             networkPolicy={"allowFrom": [{"podSelector": {"matchLabels": {"app": "router"}}}]}))
         sts = wait(lambda: k.statefulset("chat"), what="the StatefulSet")

@@ -275,3 +275,19 @@ def test_the_profilers_binding_is_named_for_the_release_role_so_a_reinstall_bind
         bindings[binding["metadata"]["name"]] = binding["roleRef"]["name"]
     # A roleRef cannot change: a binding of the same name to the old role would refuse the new one (409).
     assert bindings == {"old-slmpack-profiler": "old-slmpack-profiler", "new-slmpack-profiler": "new-slmpack-profiler"}
+
+
+def test_a_replica_the_scheduler_cannot_place_is_named_with_the_schedulers_reason():
+    cluster = ClusterSnapshot((node("gpu-8", 8),))
+    reason = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    waiting = ReplicaState("chat-1", ready=False, unschedulable=reason)
+    decision = decide(fixed(), ClusterSnapshot(cluster.nodes, pods=(pod("chat-0", "GPU-a"), waiting)), NOW)
+    available = condition(decision, "Available")
+    assert (available.status, available.reason) == ("False", "ReplicaUnschedulable")
+    assert available.message == f"1/2 replicas ready; replica chat-1 waits for a node: {reason}"
+    assert decision.status.phase.value == "Deploying"  # slots that stopping pods hold come free
+    assert [e.warning for e in decision.events if e.reason == "ReplicaUnschedulable"] == [True]
+    # A failing replica says more than a waiting one.
+    crashing = ReplicaState("chat-0", ready=False, waiting_reason="CrashLoopBackOff", restarts=3)
+    assert condition(decide(fixed(), ClusterSnapshot(cluster.nodes, pods=(crashing, waiting)), NOW),
+                     "Available").reason == "ReplicaFailing"

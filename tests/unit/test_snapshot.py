@@ -18,6 +18,11 @@ def test_a_replicas_gpus_come_from_the_config_map_its_nodes_exporter_writes():
     unscheduled = {"metadata": {"name": "chat-2"}, "spec": {"containers": []}, "status": {}}
     assert with_gpus((replica_state(unscheduled),), published)[0].gpu_uuids == ()
     assert replica_state(unscheduled).node is None
+    assert replica_state(unscheduled).unschedulable is None  # not yet looked at by the scheduler
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/1 nodes are available"}
+    refused = {**unscheduled, "status": {"conditions": [scheduled]}}
+    assert replica_state(refused).unschedulable == "0/1 nodes are available"
 
 
 def test_a_failed_job_carries_the_message_of_its_failed_condition():

@@ -295,6 +295,9 @@ def replica_state(pod: dict) -> cond.ReplicaState:
              "metrics_port": int(port) if port.isdigit() else None,
              "claims": tuple(c["resourceClaimName"] for c in spec.get("resourceClaims") or []
                              if c.get("resourceClaimName"))}
+    scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        where["unschedulable"] = scheduled.get("message") or "the scheduler gives no reason"
     if engine is None:
         return cond.ReplicaState(name=meta["name"], ready=False, **where)
     waiting = (engine.get("state") or {}).get("waiting") or {}

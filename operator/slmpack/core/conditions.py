@@ -75,6 +75,7 @@ class ReplicaState:
     waiting_reason: str | None = None  # e.g. CrashLoopBackOff, ImagePullBackOff
     last_termination_reason: str | None = None  # e.g. OOMKilled, Error
     restarts: int = 0
+    unschedulable: str | None = None  # the scheduler's message while it finds no node for the pod
     node: str | None = None  # the node it was scheduled to
     gpu_uuids: tuple[str, ...] = ()  # the GPUs its containers got, as the node's exporter publishes them
     running_gpu_uuids: tuple[str, ...] = ()  # the GPUs its processes run on (NVML), where the exporter sees them
@@ -96,4 +97,12 @@ def replica_problem(replicas: list[ReplicaState]) -> str | None:
             return f"replica {replica.name} is in {replica.waiting_reason}{last} after {replica.restarts} restarts"
         if replica.last_termination_reason == "OOMKilled" and not replica.ready:
             return f"replica {replica.name} was OOMKilled: raise its memory limit or lower the replicas per GPU"
+    return None
+
+
+def unplaced_replica(replicas: list[ReplicaState]) -> str | None:
+    """The first replica the scheduler finds no node for, in words, or None when every one has a node."""
+    for replica in sorted(replicas, key=lambda r: r.name):
+        if replica.unschedulable is not None:
+            return f"replica {replica.name} waits for a node: {replica.unschedulable}".rstrip()
     return None
