@@ -15,6 +15,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
 
+from slmpack.core.manifests import DRAIN_SECONDS, FINISH_SECONDS
+
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,7 @@ def operator(namespace):
 # The emulated device plugin's resource.
 GPU_RESOURCE = "nvidia.com/gpu"
 MISSING_IMAGE = "registry.invalid/slmpack/absent:0"  # never pulls: pods stay waiting, at no cost
+ENGINE_GRACE_SECONDS = DRAIN_SECONDS + FINISH_SECONDS + 5  # an engine pod's terminationGracePeriodSeconds
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}
@@ -105,6 +108,7 @@ def wait(predicate, seconds=30, what="condition"):
         if last:
             return last
         time.sleep(0.3)
+    what = what() if callable(what) else what  # what the wait was for, read as it times out
     raise AssertionError(f"timed out after {seconds}s waiting for {what} (last: {last})")
 
 
@@ -248,8 +252,9 @@ def test_a_crash_looping_replica_marks_the_deployment_degraded(k, busybox_image)
     with KopfRunner(operator(k.ns)) as runner:
         # busybox has no python3: the engine command cannot start, so the replica crash-loops.
         k.create(deployment("broken", replicas=1, engine={"device": "cpu", "image": busybox_image}))
-        status = wait(lambda: k.status("broken").get("phase") == "Degraded" and k.status("broken"), 120,
-                      "phase Degraded")
+        # Its GPU slot may have to come free first: engine pods of earlier tests keep theirs for their grace period.
+        status = wait(lambda: k.status("broken").get("phase") == "Degraded" and k.status("broken"),
+                      ENGINE_GRACE_SECONDS + 60, lambda: f"phase Degraded ({k.status('broken')['conditions']})")
         available = next(c for c in status["conditions"] if c["type"] == "Available")
         assert available["reason"] == "ReplicaFailing" and "broken-0" in available["message"]
     assert runner.exception is None, runner.output
