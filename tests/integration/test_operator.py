@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
 
-from slmpack.core.manifests import DRAIN_SECONDS, FINISH_SECONDS
+from slmpack.core.manifests import ENGINE_GRACE_SECONDS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
@@ -28,7 +28,6 @@ def operator(namespace):
 # The emulated device plugin's resource.
 GPU_RESOURCE = "nvidia.com/gpu"
 MISSING_IMAGE = "registry.invalid/slmpack/absent:0"  # never pulls: pods stay waiting, at no cost
-ENGINE_GRACE_SECONDS = DRAIN_SECONDS + FINISH_SECONDS + 5  # an engine pod's terminationGracePeriodSeconds
 PROFILER_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": "slmpack-profiler"},
                  "rules": [{"apiGroups": [GROUP], "resources": ["slmprofiles/status"], "verbs": ["get", "patch"]}]}

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import math
 import os
 import signal
 import socket
@@ -15,6 +14,8 @@ import pytest
 import yaml
 from kubernetes import client
 
+from slmpack.api.models import Knee
+from slmpack.core.replication import run_requests
 from slmpack.profiler.engines import EngineError, VllmEngine
 from slmpack.profiler.loadgen import Workload, closed_loop
 
@@ -78,8 +79,8 @@ def test_profile_sweeps_adaptively_and_measures_two_replicas(smollm2_model_dir, 
     assert len(report["sweep"]["engineStartSeconds"]) == 2
     assert len({r["offeredConcurrency"] for r in replication}) == 1
     # Every run of every count is the same length: two windows of the offered load, or 20 s at the knee's rate.
-    assert {r["requestsPerRun"] for r in replication} == {max(2 * replication[0]["offeredConcurrency"],
-                                                              math.ceil(20 * report["knee"]["requestThroughputPerS"]))}
+    knee = Knee.model_validate(report["knee"])
+    assert {r["requestsPerRun"] for r in replication} == {run_requests(replication[0]["offeredConcurrency"], knee)}
     assert all(len(r["runsTokensPerS"]) >= 3 and r["throughputSpread"]["ciLow"] <= r["aggregateThroughputTokensPerS"]
                for r in replication)
     decision = report["decision"]

@@ -104,5 +104,5 @@ def unplaced_replica(replicas: list[ReplicaState]) -> str | None:
     """The first replica the scheduler finds no node for, in words, or None when every one has a node."""
     for replica in sorted(replicas, key=lambda r: r.name):
         if replica.unschedulable is not None:
-            return f"replica {replica.name} waits for a node: {replica.unschedulable}".rstrip()
+            return f"replica {replica.name} waits for a node: {replica.unschedulable}"
     return None

@@ -736,12 +736,11 @@ class _Decider:
             sum(ready_engines(name, engines, states, True) for name, engines in pack_pods)
         self.status.ready_replicas = ready
         problem = cond.replica_problem(states)
-        unplaced = cond.unplaced_replica(states)
         if problem:
             self.condition(cond.AVAILABLE, False, "ReplicaFailing", problem, warn=True)
         elif ready >= planned:
             self.condition(cond.AVAILABLE, True, "ReplicasReady", f"{ready}/{planned} replicas ready")
-        elif unplaced:
+        elif unplaced := cond.unplaced_replica(states):
             # Often a wait, not a fault: GPU slots or memory that pods still stopping hold come free.
             self.condition(cond.AVAILABLE, False, "ReplicaUnschedulable", f"{ready}/{planned} replicas ready; "
                            f"{unplaced}", warn=True)

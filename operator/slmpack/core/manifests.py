@@ -69,6 +69,8 @@ DRAIN_SECONDS = 10
 FINISH_SECONDS = 120
 # What vLLM is told so that a SIGTERM finishes the requests in flight instead of aborting them.
 FINISH_ARGS = ["--shutdown-timeout", str(FINISH_SECONDS)]
+# An engine pod's terminationGracePeriodSeconds: the drain, the finish, and a margin for the process to exit.
+ENGINE_GRACE_SECONDS = DRAIN_SECONDS + FINISH_SECONDS + 5
 
 
 @dataclass(frozen=True)
@@ -402,7 +404,7 @@ def build_statefulset(owner: Owner, spec: SLMDeploymentSpec, plan: Plan, node: G
         "enableServiceLinks": False,
         **placement(spec, node),
         "volumes": volumes,
-        "terminationGracePeriodSeconds": DRAIN_SECONDS + FINISH_SECONDS + 5,
+        "terminationGracePeriodSeconds": ENGINE_GRACE_SECONDS,
     }
     if spec.placement == Placement.dra:
         pod_spec["resourceClaims"] = [{"name": "gpu", "resourceClaimName": claim}]
