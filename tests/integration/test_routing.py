@@ -12,7 +12,9 @@ import httpx
 import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
+from slmpack.core.router import BACKEND, METRICS_PORT, router_selector
 from tests.fixtures.cluster import local_image
 from tests.fixtures.fake_engine import ENGINE_CPU, fake_engine_spec
 from tests.integration.test_operator import (  # noqa: F401 (the module's cluster fixture)
@@ -56,8 +58,19 @@ def k(routable, namespace):
     return Cluster(routable, namespace)
 
 
+def router_total(k, name: str, metric: str, proxy: str = BACKEND) -> float:
+    """One HAProxy series of one proxy, summed over the deployment's ready router pods (their metrics port)."""
+    selector = ",".join(f"{key}={value}" for key, value in router_selector(name).items())
+    pods = [pod for pod in k.core.list_namespaced_pod(k.ns, label_selector=selector).items
+            if pod.status.pod_ip and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])]
+    texts = [httpx.get(f"http://{pod.status.pod_ip}:{METRICS_PORT}/metrics", timeout=10).text for pod in pods]
+    return sum(sample.value for text in texts for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == metric and sample.labels.get("proxy") == proxy)
+
+
 def routed(k, name: str, routers: int) -> str:
-    """The Service's URL once it selects the deployment's ready routers."""
+    """The Service's URL once it selects the deployment's ready routers and kube-proxy sends its traffic there:
+    the Service reached the engines until a router was ready, and kube-proxy applies a new selector a little late."""
     def ready():
         service = k.core.read_namespaced_service(name, k.ns)
         router = k.apps.read_namespaced_deployment(f"{name}-router", k.ns)
@@ -65,7 +78,14 @@ def routed(k, name: str, routers: int) -> str:
             and (router.status.ready_replicas or 0) >= routers and service
     service = wait(ready, 180, "the Service to select the ready routers")
     assert [p.port for p in service.spec.ports] == [8000]
-    return f"http://{service.spec.cluster_ip}:8000/v1/completions"
+    url = f"http://{service.spec.cluster_ip}:8000/v1/completions"
+
+    def answered_by_a_router():
+        before = router_total(k, name, "haproxy_frontend_http_requests_total", "api")
+        httpx.post(url, json={"model": "chat", "prompt": "hi", "max_tokens": 1}, timeout=30).raise_for_status()
+        return router_total(k, name, "haproxy_frontend_http_requests_total", "api") > before
+    wait(answered_by_a_router, 60, "a request to the Service to reach a router, not an engine")
+    return url
 
 
 def test_one_keep_alive_client_reaches_every_replica(k, fake_engines):
@@ -137,11 +157,14 @@ def test_beyond_the_caps_and_the_queue_clients_get_429_with_retry_after(k, fake_
         url = routed(k, "chat", routers=1)
         held = status["replicas"] * status["plan"]["maxNumSeqs"]  # what the engines may hold, then 1 in the queue
         streams: list = []
-        threads = [threading.Thread(target=stream, args=(url, streams)) for _ in range(held + 1)]
+        threads = [threading.Thread(target=stream, args=(url, streams), kwargs={"tokens": 20}) for _ in range(held + 1)]
         for t in threads:
             t.start()
-            time.sleep(0.1)
-        time.sleep(0.5)
+
+        def engines_full_and_one_queued():
+            return (router_total(k, "chat", "haproxy_server_current_sessions"),
+                    router_total(k, "chat", "haproxy_backend_current_queue")) == (held, 1)
+        wait(engines_full_and_one_queued, 10, f"the router to hold {held} streams on the engines and 1 in its queue")
         refused = httpx.post(url, json={"model": "chat", "prompt": "hi"}, timeout=30)
         for t in threads:
             t.join()
