@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from slmpack.core.sweep import batch_grid
 from slmpack.profiler.bench_results import load_points
 from slmpack.profiler.engines import RunningEngine, VllmEngine, stop, wait_healthy
 from slmpack.profiler.loadgen import Endpoint
+from slmpack.profiler.run import environment
 
 HERE = Path(__file__).resolve().parent
 INPUT, OUTPUT = 128, 64
@@ -48,13 +48,8 @@ BENCH = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentPars
 
 
 def machine() -> dict:
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    return {"cpu_model": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "avx512": sorted(f for f in flags if f.startswith("avx512")), "avx2": "avx2" in flags,
-            "amx": sorted(f for f in flags if f.startswith("amx"))}
+    """The machine, as the profiler records it in a profile."""
+    return environment(None)
 
 
 def load_average() -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kubernetes import client  # noqa: E402
 
-from routing import cpu_model, kube, openai_load, pods, served  # noqa: E402
+from routing import kube, openai_load, pods, served  # noqa: E402
+from slmpack.profiler.run import environment  # noqa: E402
 
 
 def rolled(deployment: str, namespace: str, replicas: int) -> bool:
@@ -85,7 +86,8 @@ def main() -> None:
                           "plan": (body.get("status") or {}).get("plan")}
         print(json.dumps({replicas: runs[replicas]}, indent=2), flush=True)
     one = runs.get(1)
-    result = {"runs": runs, "cpu": cpu_model(), "load_average": Path("/proc/loadavg").read_text().split()[:3],
+    result = {"runs": runs, "environment": environment(None),
+              "load_average": Path("/proc/loadavg").read_text().split()[:3],
               "ratio_to_one": {n: r["output_tok_s"] / one["output_tok_s"] for n, r in runs.items()} if one else None}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["ratio_to_one"], indent=2))

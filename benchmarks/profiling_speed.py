@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,13 +20,9 @@ from pathlib import Path
 from slmpack.api.models import Device
 from slmpack.core.manifests import engine_cache_env
 from slmpack.profiler.engines import VllmEngine, stop
+from slmpack.profiler.run import environment
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_model() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "?")
 
 
 def main() -> int:
@@ -50,7 +45,7 @@ def main() -> int:
         stop(server)
         starts.append({"start": label, "seconds": seconds, "load_average_before": load})
         print(f"{label}: {seconds} s (load average before: {load})", flush=True)
-    result = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "model": args.model, "dtype": args.dtype,
+    result = {"environment": environment(None), "model": args.model, "dtype": args.dtype,
               "max_num_seqs": args.max_num_seqs, "cache_env": env, "starts": starts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 import httpx
 from kubernetes import client, config
 from openai import AsyncOpenAI
+
+from slmpack.profiler.run import environment
 
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*\}\s+([0-9.e+]+)', re.M)
 IN_ENGINE = re.compile(r'^vllm:num_requests_(?:running|waiting)\{[^}]*\}\s+([0-9.e+]+)', re.M)
@@ -173,15 +174,6 @@ async def scale_out(core, custom, namespace, deployment, base_url, model, port, 
     return {"first_request_s": first_taken, "first_finished_s": first, "even_s": even, "failed": steady["failed"]}
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its flags, as /proc/cpuinfo says."""
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    return f"{name[1] if name else platform.machine()}, {info.count('processor')} logical CPUs; flags: " \
-           f"{flags[1] if flags else 'unknown'}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--namespace", required=True)
@@ -245,7 +237,7 @@ def main() -> None:
     result = {"setups": setups, "scale_out": scaled,
               "overhead_ms": {"p50": ones["router"]["p50_ttft_ms"] - ones["service"]["p50_ttft_ms"],
                               "p99": ones["router"]["p99_ttft_ms"] - ones["service"]["p99_ttft_ms"]},
-              "cpu": cpu_model()}
+              "environment": environment(None), "load_average": Path("/proc/loadavg").read_text().split()[:3]}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

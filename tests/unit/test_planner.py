@@ -242,6 +242,17 @@ def test_the_profile_key_follows_everything_that_changes_the_measurement_and_not
     assert key(profiling={"slo": {"p99ItlMs": 20}, "rule": "kneedle"}) == base
 
 
+def test_the_machine_record_names_the_cpu_and_the_vector_flags_a_cpu_engine_runs_on():
+    from slmpack.core.hardware import cpu_flags_from_cpuinfo, cpuinfo_field, vector_flags
+
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx2 fma\n\nprocessor\t: 1\n"
+    assert cpuinfo_field(epyc, "model name") == "AMD EPYC 7B13"
+    assert cpuinfo_field(epyc, "Hardware") is None
+    assert vector_flags(cpu_flags_from_cpuinfo(epyc)) == "avx2"
+    assert vector_flags({"avx512f", "avx512_bf16", "amx_tile", "avx2", "sse4_2"}) == "amx_tile,avx2,avx512_bf16,avx512f"
+    assert vector_flags(cpu_flags_from_cpuinfo("Features\t: fp asimd\n")) == "none"  # an Arm CPU
+
+
 def test_cpu_auto_dtype_resolves_from_the_cpu_flags_and_is_keyed():
     from slmpack.core.hardware import cpu_flags_from_cpuinfo, resolve_dtype
     from slmpack.core.manifests import profile_conditions

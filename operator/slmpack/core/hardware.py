@@ -24,13 +24,23 @@ def resolve_dtype(requested: Dtype | str, device: Device | str, cpu_flags: Itera
     return Dtype.bfloat16.value if flags & BF16_CPU_FLAGS else Dtype.float32.value
 
 
-def cpu_flags_from_cpuinfo(text: str) -> set[str]:
-    """The flags of the first processor in a /proc/cpuinfo text."""
+def cpuinfo_field(text: str, *keys: str) -> str | None:
+    """The first processor's value of one of `keys` in a /proc/cpuinfo text."""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags_from_cpuinfo(text: str) -> set[str]:
+    """The flags of the first processor in a /proc/cpuinfo text."""
+    return set((cpuinfo_field(text, "flags", "Features") or "").split())
+
+
+def vector_flags(flags: Iterable[str]) -> str:
+    """The flags a CPU engine's speed depends on (AVX2, AVX-512, AMX), for a record of the machine."""
+    return ",".join(sorted(f for f in flags if f.startswith(("avx2", "avx512", "amx")))) or "none"
 
 
 def mps_caps(replicas: int, gpu_memory_mib: int | None, budget_fraction: float = 0.9) -> tuple[int, int | None]:

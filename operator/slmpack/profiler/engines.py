@@ -34,11 +34,16 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900
 
 
-def local_cpu_flags() -> set[str]:
+def local_cpuinfo() -> str:
+    """This machine's /proc/cpuinfo; empty where there is none."""
     try:
-        return cpu_flags_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
+
+
+def local_cpu_flags() -> set[str]:
+    return cpu_flags_from_cpuinfo(local_cpuinfo())
 
 
 class EngineError(RuntimeError):

@@ -60,11 +60,14 @@ from slmpack.api.models import (
 )
 from slmpack.core import profile_status
 from slmpack.core.hardware import (
+    cpu_flags_from_cpuinfo,
     cpu_kv_cache_bytes,
     cpu_threads_env,
     cpu_threads_per_replica,
+    cpuinfo_field,
     mps_caps,
     resolve_dtype,
+    vector_flags,
 )
 from slmpack.core.knee import KneeParams, NoKneeError, efficiency_bar, find_knee
 from slmpack.core.memory import (
@@ -82,7 +85,15 @@ from slmpack.core.stats import Precision, estimate, stop_reason
 from slmpack.core.summary import summarize, window_throughputs
 from slmpack.core.sweep import next_probe
 from slmpack.profiler.energy import NvmlEnergyMeter
-from slmpack.profiler.engines import EngineError, MpsDaemon, RunningEngine, VllmEngine, local_cpu_flags, stop
+from slmpack.profiler.engines import (
+    EngineError,
+    MpsDaemon,
+    RunningEngine,
+    VllmEngine,
+    local_cpu_flags,
+    local_cpuinfo,
+    stop,
+)
 from slmpack.profiler.loadgen import Endpoint, Workload, closed_loop, scrape_engine_metrics
 
 log = logging.getLogger(__name__)
@@ -696,14 +707,15 @@ def free_memory_at_knee(status: SLMProfileStatus, settings: ProfileSettings, eng
 
 
 def environment(engine: VllmEngine | None) -> dict[str, str]:
-    env = {"host": platform.node(), "python": platform.python_version(), "machine": platform.machine()}
-    flags = local_cpu_flags()
-    env["cpu_flags_bf16"] = ",".join(sorted(f for f in flags if "bf16" in f)) or "none"
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), None)
-        if model:
-            env["cpu_model"] = model
+    """The machine a measurement ran on (the benchmarks record it too): its CPU's model, the flags a CPU engine's
+    speed depends on, and, with an engine, what ran."""
+    cpuinfo = local_cpuinfo()
+    flags = cpu_flags_from_cpuinfo(cpuinfo)
+    env = {"host": platform.node(), "python": platform.python_version(), "machine": platform.machine(),
+           "cpus": str(os.cpu_count()), "cpu_flags_bf16": ",".join(sorted(f for f in flags if "bf16" in f)) or "none",
+           "cpu_flags_vector": vector_flags(flags)}
+    if model := cpuinfo_field(cpuinfo, "model name"):
+        env["cpu_model"] = model
     if engine is not None:
         env.update(engine="vllm", device=engine.device, model=engine.model)
         try:
