@@ -47,11 +47,6 @@ BENCH = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentPars
          "main(p.parse_args(sys.argv[1:]))")
 
 
-def machine() -> dict:
-    """The machine, as the profiler records it in a profile."""
-    return environment(None)
-
-
 def load_average() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
@@ -134,7 +129,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     steps = set(args.steps.split(","))
     record = json.loads((args.out / "raw.json").read_text()) if (args.out / "raw.json").exists() else {}
-    record.setdefault("machine", machine())
+    record.setdefault("machine", environment(None))
 
     def save():
         """The raw record, and the summary of what is measured so far (an interrupted run keeps both)."""

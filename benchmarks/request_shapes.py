@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.cpu_packing import load_average, machine  # noqa: E402
-
-from slmpack.core.summary import summarize  # noqa: E402
-from slmpack.profiler.engines import VllmEngine, stop  # noqa: E402
-from slmpack.profiler.loadgen import Workload, closed_loop  # noqa: E402
+from slmpack.core.summary import summarize
+from slmpack.profiler.engines import VllmEngine, stop
+from slmpack.profiler.loadgen import Workload, closed_loop
+from slmpack.profiler.run import environment
 
 SHAPES = ((32, 16), (32, 8), (8, 16), (8, 8))
 
@@ -33,7 +29,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, default=18300)
     args = parser.parse_args()
-    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {machine()}, load {load_average()}")
+    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {environment(None)}, "
+          f"load {Path('/proc/loadavg').read_text().strip()}")
     os.environ["OMP_NUM_THREADS"] = "2"
     engine = VllmEngine(model=args.model, device="cpu", max_model_len=512, dtype="float32",
                         extra_args=["--enforce-eager"])

@@ -82,7 +82,10 @@ def routed(k, name: str, routers: int) -> str:
 
     def answered_by_a_router():
         before = router_total(k, name, "haproxy_frontend_http_requests_total", "api")
-        httpx.post(url, json={"model": name, "prompt": "hi", "max_tokens": 1}, timeout=30).raise_for_status()
+        try:
+            httpx.post(url, json={"model": name, "prompt": "hi", "max_tokens": 1}, timeout=30).raise_for_status()
+        except httpx.HTTPError:
+            return False  # the switch is under way: ask again
         return router_total(k, name, "haproxy_frontend_http_requests_total", "api") > before
     wait(answered_by_a_router, 60, "a request to the Service to reach a router, not an engine")
     return url
